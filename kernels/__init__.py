@@ -1,0 +1,5 @@
+"""Attention kernels for pope-lm (installed as `pope_lm.kernels`)."""
+
+from .reference import pope_attention_reference, pope_frequencies
+
+__all__ = ["pope_attention_reference", "pope_frequencies"]

@@ -1,0 +1,249 @@
+"""Typed run configuration: dataclasses checked by omegaconf, filled from a YAML recipe and key=value overrides.
+
+A recipe only states what differs from the defaults below. `load_config` turns every mistake a user can
+make (missing file, unknown key, wrong type, impossible value) into a `ConfigError` whose message is one
+line naming the offending key; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is a single line."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257  # the tokenizer's vocabulary; the embedding is padded up to a multiple of 64
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int = 12
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    position: str = "pope"  # pope | rope | none
+    theta: float = 10000.0  # frequency base for PoPE and RoPE
+    delta_init: str = "zero"  # PoPE phase bias init: zero (language modelling) | uniform (Uniform(-2pi, 0))
+    attention_backend: str = "auto"  # reference | triton | auto (triton on CUDA, reference elsewhere)
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    # A prepared dataset: a directory holding manifest.json (see `pope-lm prepare`), or the name of a
+    # built-in corpus ('shakespeare') that is prepared into cache_dir on first use.
+    dataset: str = "shakespeare"
+    cache_dir: str = "~/.cache/pope-lm"
+    seq_len: int = 1024  # tokens per training sequence (each sample holds seq_len + 1 tokens)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer (0: no sample shuffle)
+    val_batches: int = 20  # validation batches per evaluation, streamed in order without shuffle
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 1000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # applied to matrices and embeddings only
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100_000  # optimizer steps; the cosine schedule decays to min_lr at this step
+    global_batch_size: int = 64  # sequences per optimizer step, over all ranks and accumulation steps
+    micro_batch_size: int = 8  # sequences per forward/backward on one device
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision string
+    val_every_n_steps: int = 1000
+    log_every_n_steps: int = 10
+    compile: bool = False  # torch.compile the model
+    peak_tflops: float = 0.0  # device peak for MFU; 0 picks it from the device name when known
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000
+    keep_last: int = 3  # newest complete checkpoints kept on disk
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # empty: sqlite:///<run_dir>/mlflow.db with artifacts beside it; or http://host:port
+    experiment: str = "pope-lm"
+    run_name: str = ""  # empty: the run directory's name
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = ""  # empty: runs/<name>
+    seed: int = 1337
+    resume: str = ""  # "" (fresh run) | auto (newest complete checkpoint in run_dir) | path to a checkpoint
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+_CHOICES = {
+    "model.position": ("pope", "rope", "none"),
+    "model.delta_init": ("zero", "uniform"),
+    "model.attention_backend": ("auto", "reference", "triton"),
+    "trainer.accelerator": ("auto", "cpu", "gpu"),
+    "trainer.strategy": ("auto", "ddp"),
+}
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Merge the defaults, a YAML recipe and `key=value` overrides into a checked RunConfig."""
+    cfg: DictConfig = OmegaConf.structured(RunConfig)
+    layers: list[tuple[str, DictConfig]] = []
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as exc:  # YAML syntax errors come in many exception types
+            raise ConfigError(f"cannot parse recipe {path}: {_one_line(exc)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse override '{item}': {_one_line(exc)}") from None
+    for origin, layer in layers:
+        _check_keys(layer, RunConfig, "", origin)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except ValidationError as exc:
+            key = exc.full_key or "?"
+            raise ConfigError(f"wrong type for '{key}' in {origin}: {_type_message(exc)}") from None
+        except (ConfigKeyError, ConfigAttributeError) as exc:
+            raise ConfigError(f"unknown key '{exc.full_key}' in {origin}") from None
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run)
+    return run
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that types cannot express; each failure names its key."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got '{value}'")
+    m = cfg.model
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
+        "model.head_dim": m.head_dim, "model.d_model": m.d_model, "data.seq_len": cfg.data.seq_len,
+        "trainer.max_steps": cfg.trainer.max_steps, "trainer.micro_batch_size": cfg.trainer.micro_batch_size,
+        "trainer.global_batch_size": cfg.trainer.global_batch_size, "trainer.devices": cfg.trainer.devices,
+        "trainer.num_nodes": cfg.trainer.num_nodes, "checkpoint.every_n_steps": cfg.checkpoint.every_n_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "trainer.val_every_n_steps": cfg.trainer.val_every_n_steps,
+        "trainer.log_every_n_steps": cfg.trainer.log_every_n_steps, "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be positive; got {value}")
+    if m.n_head * m.head_dim != m.d_model:
+        raise ConfigError(
+            f"'model.n_head' x 'model.head_dim' must equal 'model.d_model'; got {m.n_head} x {m.head_dim} != {m.d_model}"
+        )
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"'model.head_dim' must be even for rope; got {m.head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"'model.dropout' must be in [0, 1); got {m.dropout}")
+    if not 0.0 <= cfg.optim.min_lr <= cfg.optim.lr:
+        raise ConfigError(f"'optim.min_lr' must be in [0, optim.lr]; got {cfg.optim.min_lr}")
+    if cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0 or cfg.optim.weight_decay < 0:
+        raise ConfigError("'optim.warmup_steps', 'optim.grad_clip' and 'optim.weight_decay' must be >= 0")
+    if not math.isfinite(m.theta) or m.theta <= 1.0:
+        raise ConfigError(f"'model.theta' must be a finite number > 1; got {m.theta}")
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_container(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain dicts and scalars (what a checkpoint stores)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def config_from_container(container: dict[str, Any]) -> RunConfig:
+    """Rebuild a checked RunConfig from `config_to_container`'s output (e.g. read from a checkpoint)."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """{'model.n_layer': 12, ...}: the form MLflow params take."""
+    return _flatten(config_to_container(cfg), "")
+
+
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return out
+
+
+def _check_keys(layer: Any, schema: type, prefix: str, origin: str) -> None:
+    """Reject unknown keys before merging so the message can list the valid ones and suggest the closest."""
+    if not isinstance(layer, DictConfig):
+        return
+    valid = {f.name: f.type for f in fields(schema)}
+    for key in layer:
+        name = str(key)
+        if name not in valid:
+            hint = difflib.get_close_matches(name, list(valid), n=1)
+            suggestion = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
+            raise ConfigError(
+                f"unknown key '{prefix}{name}' in {origin}{suggestion} (valid keys: {', '.join(valid)})"
+            )
+        sub = next(f for f in fields(schema) if f.name == name)
+        sub_type = sub.default_factory if callable(sub.default_factory) else None  # type: ignore[misc]
+        if sub_type is not None and is_dataclass(sub_type):
+            child = layer[name]
+            if child is not None and not isinstance(child, DictConfig):
+                raise ConfigError(f"'{prefix}{name}' in {origin} must be a section (a mapping), got '{child}'")
+            _check_keys(child, sub_type, f"{prefix}{name}.", origin)  # type: ignore[arg-type]
+
+
+def _type_message(exc: ValidationError) -> str:
+    text = _one_line(exc)
+    return text.split("\n")[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()
+    return first[0] if first else type(exc).__name__

@@ -1,0 +1,136 @@
+"""The decoder-only GPT trained by pope-lm: pre-norm RMSNorm blocks, causal self-attention with a pluggable
+position encoding (PoPE, RoPE or none), a 4x GELU MLP and an output head tied to the token embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pope_lm.config import ModelConfig
+from pope_lm.position import PoPE, build_position
+
+# A layer's cache: the raw (un-rotated) keys and the values of every position seen so far, (B, H, N, D) each.
+LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """Embedding rows: the vocabulary rounded up to a multiple of 64, which keeps the head matmul on fast paths."""
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.position = build_position(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q_offset = 0
+        if cache is not None:
+            q_offset = cache[0].shape[2]
+            k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+        y = self.position.attend(q, k, v, q_offset=q_offset)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.dropout(self.out(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
+        attn_out, cache = self.attn(self.attn_norm(x), cache)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(padded_vocab_size(cfg.vocab_size), cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            for proj in (block.attn.out, block.mlp.down):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, padded vocab) or, with targets (B, T), the mean next-token cross-entropy."""
+        x = self.dropout(self.embedding(idx))
+        for block in self.blocks:
+            x, _ = block(x)
+        logits = self.head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        # The output projection shares the embedding matrix (tied weights).
+        return F.linear(self.final_norm(x), self.embedding.weight)
+
+    def forward_with_cache(self, idx: torch.Tensor, caches: list[LayerCache] | None = None
+                           ) -> tuple[torch.Tensor, list[LayerCache]]:
+        """Incremental decoding: logits for `idx` (sliced to the real vocabulary) given the cached positions."""
+        x = self.embedding(idx)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            x, cache = block(x, None if caches is None else caches[i])
+            new_caches.append(cache)
+        return self.head(x)[..., : self.cfg.vocab_size], new_caches
+
+    @torch.no_grad()
+    def clamp_phase_biases_(self) -> None:
+        """Keep every PoPE delta inside [-2 pi, 0]; call after each optimizer step."""
+        for module in self.modules():
+            if isinstance(module, PoPE):
+                module.clamp_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token, the numerator of MFU.
+
+        6 N for the weight matmuls (N counts every parameter once; with tied weights this includes the output
+        head's matmul), plus attention scores and mixing: per layer and head, forward costs
+        2 T (w_qk + D) per token, where w_qk = 2D for PoPE (Q K^T runs over the 2D-wide Cartesian q', k') and
+        D otherwise; backward costs twice the forward. For RoPE this is PaLM's 12 L H D T.
+        """
+        cfg = self.cfg
+        qk_width = 2 * cfg.head_dim if cfg.position == "pope" else cfg.head_dim
+        attention = 3 * cfg.n_layer * cfg.n_head * 2 * seq_len * (qk_width + cfg.head_dim)
+        return 6.0 * self.num_parameters() + attention

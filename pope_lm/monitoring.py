@@ -1,0 +1,78 @@
+"""Training speed metrics (tokens/s, MFU) and a progress bar that counts optimizer steps."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+# Dense bf16 peak (TFLOP/s) by device name, for MFU when trainer.peak_tflops is not set.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_flops(configured_tflops: float) -> float | None:
+    """Per-device peak FLOP/s: the configured value, else a known GPU's bf16 peak, else None (no MFU)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+class SpeedMonitor(L.Callback):
+    """Logs tokens/s (all ranks together) and MFU, averaged over the optimizer steps between log points.
+
+    MFU = tokens/s x model FLOPs per token / (world size x per-device peak); FLOPs per token come from
+    `GPT.flops_per_token` (6N plus the attention terms, PoPE's Q K^T counted at width 2D).
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None, log_every: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = peak
+        self.log_every = log_every
+        self._window_start: float | None = None
+        self._window_step = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self._window_start is None:
+            self._window_start, self._window_step = time.perf_counter(), step
+            return
+        if step - self._window_step < self.log_every:
+            return
+        now = time.perf_counter()
+        tokens_per_s = (step - self._window_step) * self.tokens_per_step / (now - self._window_start)
+        metrics = {"tokens_per_s": tokens_per_s}
+        if self.peak is not None:
+            metrics["mfu"] = tokens_per_s * self.flops_per_token / (trainer.world_size * self.peak)
+        pl_module.log_dict(metrics, prog_bar=True, rank_zero_only=True)
+        self._window_start, self._window_step = now, step
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The bar counts optimizer steps towards max_steps (the data stream has no length)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.set_description("step")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        bar = self.train_progress_bar
+        if bar.n != trainer.global_step:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return {k: (f"{v:,.0f}" if k == "tokens_per_s" else v) for k, v in metrics.items()}

@@ -1,0 +1,55 @@
+"""The GPT model: shapes, tied head, padded vocabulary, KV-cache decoding, FLOP count."""
+
+import pytest
+import torch
+
+from pope_lm.config import ModelConfig
+from pope_lm.model import GPT, padded_vocab_size
+
+
+def small_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=100, n_layer=2, d_model=32, n_head=4, head_dim=8)
+    return ModelConfig(**{**base, **overrides})
+
+
+def test_vocabulary_is_padded_to_a_multiple_of_64():
+    assert padded_vocab_size(50257) == 50304
+    assert GPT(small_config()).embedding.num_embeddings == 128
+
+
+def test_output_head_is_tied_to_the_embedding():
+    model = GPT(small_config())
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("head" in n for n in names)
+    x = torch.randn(1, 3, 32)
+    torch.testing.assert_close(model.head(x), model.final_norm(x) @ model.embedding.weight.T)
+
+
+@pytest.mark.parametrize("position", ["pope", "rope", "none"])
+def test_cached_decoding_equals_full_forward(position):
+    torch.manual_seed(0)
+    model = GPT(small_config(position=position, delta_init="uniform")).double().eval()
+    idx = torch.randint(0, 100, (2, 9))
+    full = model(idx)[..., :100]
+    logits, caches = model.forward_with_cache(idx[:, :5])
+    steps = [logits]
+    for t in range(5, 9):
+        logits, caches = model.forward_with_cache(idx[:, t : t + 1], caches)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full)
+
+
+def test_loss_at_init_is_near_uniform_over_the_vocabulary():
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    idx = torch.randint(0, 100, (4, 16))
+    loss = model(idx[:, :-1], idx[:, 1:])
+    assert abs(loss.item() - torch.log(torch.tensor(128.0)).item()) < 0.3
+
+
+def test_pope_attention_flops_exceed_rope_by_the_wider_qk_product():
+    pope, rope = GPT(small_config(position="pope")), GPT(small_config(position="rope"))
+    extra = pope.flops_per_token(1024) - rope.flops_per_token(1024)
+    n_layer, n_head, head_dim = 2, 4, 8
+    # Q K^T over 2D instead of D: 2 T D more per head and layer in forward, times 3 for forward + backward.
+    assert extra == 3 * n_layer * n_head * 2 * 1024 * head_dim + 6 * (pope.num_parameters() - rope.num_parameters())
