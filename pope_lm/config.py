@@ -174,7 +174,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be positive; got {value}")
     if m.n_head * m.head_dim != m.d_model:
         raise ConfigError(
-            f"'model.n_head' x 'model.head_dim' must equal 'model.d_model'; got {m.n_head} x {m.head_dim} != {m.d_model}"
+            f"'model.n_head' x 'model.head_dim' must equal 'model.d_model'; "
+            f"got {m.n_head} x {m.head_dim} != {m.d_model}"
         )
     if m.position == "rope" and m.head_dim % 2:
         raise ConfigError(f"'model.head_dim' must be even for rope; got {m.head_dim}")
