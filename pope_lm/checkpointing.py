@@ -82,7 +82,8 @@ class PeriodicCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
-        trainer.save_checkpoint(self.directory / checkpoint_name(step))  # every rank calls; rank 0 writes
+        # Full state (optimizer, schedule, loops, data position), not weights only. Every rank calls; rank 0 writes.
+        trainer.save_checkpoint(self.directory / checkpoint_name(step), weights_only=False)
         self._last_saved_step = step
         if trainer.is_global_zero:
             for old in list_checkpoints(self.directory)[: -self.keep_last]:

@@ -57,18 +57,31 @@ class SpeedMonitor(L.Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """The bar counts optimizer steps towards max_steps (the data stream has no length)."""
+    """The bar counts optimizer steps towards max_steps (the data stream has no length).
+
+    It redraws every `refresh_rate` steps only: reading the metrics copies them to the host, which would
+    otherwise synchronize with the GPU after every step.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        self._count_steps(trainer)  # a resumed run starts mid-epoch, without on_train_epoch_start
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.reset(total=trainer.max_steps)
-        self.train_progress_bar.initial = trainer.global_step
-        self.train_progress_bar.set_description("step")
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer: L.Trainer) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.initial = trainer.global_step
+        bar.set_description("step")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         bar = self.train_progress_bar
-        if bar.n != trainer.global_step:
-            bar.n = trainer.global_step
+        step = trainer.global_step
+        if bar.n != step and (step % self.refresh_rate == 0 or step == trainer.max_steps):
+            bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module))
             bar.refresh()
 

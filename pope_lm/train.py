@@ -75,7 +75,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         PeriodicCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
         SpeedMonitor(tokens_per_step, module.model.flops_per_token(cfg.data.seq_len),
                      peak_flops(cfg.trainer.peak_tflops), cfg.trainer.log_every_n_steps),
-        StepProgressBar(),
+        StepProgressBar(refresh_rate=cfg.trainer.log_every_n_steps),
     ]
     if logger is not None:
         callbacks.append(RunIdInCheckpoint(logger))
