@@ -1,0 +1,262 @@
+"""Training throughput of pope-lm against its peers, measured in one run on one GPU.
+
+For each recipe (124m, 774m by default) and the same micro-batch, it times 30 optimizer steps after warm-up:
+
+  pope-triton     pope-lm PoPE, Triton kernel, torch.compile, bf16, fused AdamW (bare loop)
+  pope-lightning  the same module driven by a Lightning Trainer (Lightning's overhead = this vs pope-triton)
+  rope            pope-lm with RoPE (SDPA), compiled
+  pope-reference  pope-lm PoPE through the plain-torch reference backend (materialized q', k' + SDPA), compiled
+  nanogpt         a plain nanoGPT-style GPT-2 of the same size (LayerNorm, learned positions, SDPA), compiled
+
+and reports tokens/s, MFU (each model's own FLOPs per token: PoPE's Q K^T counted at width 2D; peak 989
+TFLOP/s bf16 for H100/H200 unless --peak-tflops) and peak memory. Data are random token blocks already on
+the GPU, so the numbers measure the model, optimizer and loop, not the input pipeline.
+
+    python benchmarks/train_throughput.py --recipes 124m 774m --out results.json
+    python benchmarks/train_throughput.py --smoke     # a few CPU steps of a tiny model, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pope_lm.config import ModelConfig, RunConfig, load_config
+from pope_lm.lit_module import LitGPT
+from pope_lm.model import GPT, padded_vocab_size
+from pope_lm.monitoring import peak_flops
+
+
+class NanoGPT(nn.Module):
+    """The plain PyTorch peer: GPT-2 as in nanoGPT (LayerNorm with bias, learned positions, SDPA, tied head)."""
+
+    def __init__(self, cfg: ModelConfig, seq_len: int) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_head = cfg.n_head
+        self.wte = nn.Embedding(padded_vocab_size(cfg.vocab_size), d)
+        self.wpe = nn.Embedding(seq_len, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({
+                "ln1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d),
+                "ln2": nn.LayerNorm(d), "fc": nn.Linear(d, 4 * d), "out": nn.Linear(4 * d, d),
+            })
+            for _ in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](x)).view(b, t, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + blk["proj"](y.transpose(1, 2).reshape(b, t, -1))
+            x = x + blk["out"](F.gelu(blk["fc"](blk["ln2"](x))))
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        n_params = sum(p.numel() for p in self.parameters())
+        return 6.0 * n_params + 12 * len(self.blocks) * self.wte.embedding_dim * seq_len
+
+
+@dataclass
+class Result:
+    recipe: str
+    variant: str
+    micro_batch: int
+    ms_per_step: float
+    tokens_per_s: float
+    mfu: float
+    peak_gib: float
+
+
+def random_batches(n: int, batch: int, seq_len: int, vocab: int, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return [torch.randint(0, vocab, (batch, seq_len + 1), generator=g).to(device) for _ in range(n)]
+
+
+def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
+
+
+def time_bare_loop(model: nn.Module, batches: list[torch.Tensor], warmup: int, steps: int,
+                   device: torch.device) -> float:
+    """Seconds per optimizer step of a plain training loop (bf16 autocast on CUDA, clipping, fused AdamW)."""
+    optimizer = make_optimizer(model, 1e-4, device)
+    step_fn = torch.compile(model) if device.type == "cuda" else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def one_step(i: int) -> None:
+        batch = batches[i % len(batches)]
+        with autocast:
+            loss = step_fn(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        one_step(i)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        one_step(i)
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+class _StepTimer(L.Callback):
+    """Wall time of the optimizer steps after `warmup`, synchronized at both ends."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = 0.0
+        self.end = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.warmup:
+            _sync(trainer.strategy.root_device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, *args: object) -> None:
+        _sync(trainer.strategy.root_device)
+        self.end = time.perf_counter()
+
+
+def time_lightning(cfg: RunConfig, batches: list[torch.Tensor], warmup: int, steps: int,
+                   device: torch.device) -> float:
+    """Seconds per optimizer step of the pope-lm LightningModule under a Lightning Trainer."""
+    module = LitGPT(cfg)
+    if device.type == "cuda":
+        module.model = torch.compile(module.model)  # type: ignore[assignment]
+    timer = _StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        max_steps=warmup + steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    loader = torch.utils.data.DataLoader(_Repeat(batches, warmup + steps), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    return (timer.end - timer.start) / steps
+
+
+class _Repeat(torch.utils.data.IterableDataset):
+    def __init__(self, batches: list[torch.Tensor], n: int) -> None:
+        self.batches, self.n = batches, n
+
+    def __iter__(self):  # type: ignore[override]
+        return (self.batches[i % len(self.batches)] for i in range(self.n))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, variant: str, cfg: RunConfig, micro_batch: int, run: Callable[[], float],
+            flops_per_token: float, device: torch.device, peak: float | None) -> Result:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = run()
+    tokens = micro_batch * cfg.data.seq_len / seconds
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    mfu = tokens * flops_per_token / peak if peak else math.nan
+    result = Result(name, variant, micro_batch, seconds * 1e3, tokens, mfu, peak_gib)
+    print(f"{name:6} {variant:15} {result.ms_per_step:8.1f} ms {tokens:12,.0f} tok/s  MFU {mfu:6.1%}  "
+          f"peak {peak_gib:5.1f} GiB", flush=True)
+    return result
+
+
+def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps: int, device: torch.device,
+                 peak: float | None) -> list[Result]:
+    seq_len = cfg.data.seq_len
+    batches = random_batches(4, micro_batch, seq_len, cfg.model.vocab_size, device)
+    results = []
+
+    def pope_lm_model(**changes: str) -> GPT:
+        return GPT(replace(cfg.model, **changes)).to(device)
+
+    cases: list[tuple[str, Callable[[], nn.Module]]] = [
+        ("pope-triton", lambda: pope_lm_model(attention_backend="auto")),
+        ("rope", lambda: pope_lm_model(position="rope")),
+        ("pope-reference", lambda: pope_lm_model(attention_backend="reference")),
+        ("nanogpt", lambda: NanoGPT(cfg.model, seq_len).to(device)),
+    ]
+    for variant, build in cases:
+        model = build()
+        flops = model.flops_per_token(seq_len)  # type: ignore[operator]
+        results.append(measure(name, variant, cfg, micro_batch,
+                               lambda m=model: time_bare_loop(m, batches, warmup, steps, device), flops, device, peak))
+        del model
+    lit_cfg = replace(cfg, model=replace(cfg.model, attention_backend="auto"))
+    flops = GPT(cfg.model).flops_per_token(seq_len)
+    results.insert(1, measure(name, "pope-lightning", cfg, micro_batch,
+                              lambda: time_lightning(lit_cfg, batches, warmup, steps, device), flops, device, peak))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["124m", "774m"])
+    parser.add_argument("--micro-batch", nargs="+", type=int, default=None,
+                        help="one per recipe (default: the recipe's trainer.micro_batch_size)")
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, on CPU")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    peak = peak_flops(args.peak_tflops)
+    results: list[Result] = []
+    for i, recipe in enumerate(args.recipes):
+        cfg = load_config(f"recipes/{recipe}.yaml")
+        micro_batch = args.micro_batch[i] if args.micro_batch else cfg.trainer.micro_batch_size
+        if args.smoke:
+            cfg = replace(cfg, model=replace(cfg.model, n_layer=2, d_model=64, n_head=2, head_dim=32, vocab_size=512),
+                          data=replace(cfg.data, seq_len=64))
+            micro_batch, args.warmup, args.steps = 2, 1, 2
+        results += bench_recipe(recipe, cfg, micro_batch, args.warmup, args.steps, device, peak)
+
+    env = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"\n{env}\n")
+    print("| recipe | variant | micro-batch | ms/step | tokens/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r.recipe} | {r.variant} | {r.micro_batch} | {r.ms_per_step:.1f} | {r.tokens_per_s:,.0f} | "
+              f"{r.mfu:.1%} | {r.peak_gib:.1f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "results": [r.__dict__ for r in results]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
