@@ -1,0 +1,568 @@
+"""PoPE flash attention in Triton: forward and backward, rotating q and k in registers.
+
+Per head, query row i sits at position t = q_offset + i and key row j at position s = j:
+
+    a[i, j] = sm_scale * sum_c mu_q[i, c] mu_k[j, c] cos((s - t) theta_c + delta_c)
+            = sm_scale * (qc . kc + qs . ks)[i, j]
+    mu = softplus(x),  qc = mu_q cos(t theta),  qs = mu_q sin(t theta),
+                       kc = mu_k cos(s theta + delta),  ks = mu_k sin(s theta + delta)
+
+so Q K^T becomes two D-wide products, qc kc^T + qs ks^T. The kernels read q and k at width D and build
+qc, qs, kc, ks tile by tile in fp32 registers (softplus, cos, sin), then cast them to the input dtype for
+the tensor cores. Nothing 2D-wide ever reaches device memory; the backward keeps q, k, v, out and the
+log-sum-exp only, as FlashAttention-2 does.
+
+Passes (FlashAttention-2 structure; "stationary" rows stay in registers, "streamed" rows are loaded tile
+by tile in the inner loop):
+    forward   queries stationary, keys streamed: online softmax, stores out and the log2-sum-exp.
+    dq        queries stationary, keys streamed: recomputes P, dS = P (dP - D) with D = rowsum(dO * O)
+              (computed here and stored for the next pass), accumulates dS kc and dS ks.
+    dk, dv    keys stationary, queries streamed: recomputes P and dS, accumulates dV = P^T dO, dS^T qc and
+              dS^T qs; d delta = sum over rows of (dS^T qs) kc - (dS^T qc) ks, added atomically in fp32.
+The chain rule through the polar map (pope.md): with gc = sm_scale dS kc, gs = sm_scale dS ks,
+    dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs),  and the same for k with its own phase.
+
+Streamed tiles need cos and sin of every element. Computing them directly would cost two special-function
+(SFU) ops per element on top of softplus and the softmax exponentials, and the SFU already bounds flash
+attention at head dim 64. Instead each inner loop computes the phases of its first tile directly and
+advances them to the next tile by angle addition with the D-vector cos/sin(BLOCK theta): four FMAs per
+element. Phases are fp32 and reduced to [-pi, pi] before cos/sin, where the GPU's one-op approximations
+are accurate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
+
+from .reference import _check_shapes, pope_frequencies
+
+__all__ = ["pope_attention"]
+
+HEAD_DIMS = (32, 64, 128)
+
+# Triton fixes compile-or-interpret for all its @jit functions, its own library's included, when the
+# process first imports it: TRITON_INTERPRET=1 must be set before then. Ask the library which it chose.
+_INTERPRETED = isinstance(tl.zeros, InterpretedFunction)
+# On the GPU, tl.cos, tl.sin and tl.log2 are libdevice's exact versions (tens of instructions each, with a
+# slow-path loop for huge arguments); the hardware approximations (one SFU op) are accurate on the reduced
+# arguments used here. The interpreter has no libdevice, hence the switch.
+_FAST_MATH = tl.constexpr(not _INTERPRETED)
+
+# 2 pi split so that turns * _TWO_PI_HI is exact in fp32 for |phase| < 2^16 rad (Cody-Waite reduction).
+_TWO_PI_HI = tl.constexpr(6.28125)
+_TWO_PI_LO = tl.constexpr(2 * math.pi - 6.28125)
+_INV_TWO_PI = tl.constexpr(1 / (2 * math.pi))
+_LN2 = tl.constexpr(math.log(2))
+_LOG2E = tl.constexpr(math.log2(math.e))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elementwise helpers (fp32)
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), in base 2 (the hardware's exp2/log2); 1 + e^-|x| is in [1, 2]
+    one_plus = 1.0 + tl.exp2(-tl.abs(x) * _LOG2E)
+    log2 = libdevice.fast_log2f(one_plus) if _FAST_MATH else tl.log2(one_plus)
+    return tl.maximum(x, 0.0) + _LN2 * log2
+
+
+@triton.jit
+def _cos_sin(phase):
+    turns = tl.floor(phase * _INV_TWO_PI + 0.5)
+    reduced = phase - turns * _TWO_PI_HI - turns * _TWO_PI_LO  # in [-pi, pi]
+    if _FAST_MATH:
+        cos, sin = libdevice.fast_cosf(reduced), libdevice.fast_sinf(reduced)
+    else:
+        cos, sin = tl.cos(reduced), tl.sin(reduced)
+    return cos, sin
+
+
+@triton.jit
+def _phases(start, BLOCK: tl.constexpr, freqs, bias):
+    """cos and sin of (start + r) theta_c + bias_c for the rows r = 0 .. BLOCK-1 of a tile: (BLOCK, D) each."""
+    pos = (start + tl.arange(0, BLOCK)).to(tl.float32)
+    return _cos_sin(pos[:, None] * freqs[None, :] + bias[None, :])
+
+
+@triton.jit
+def _rotate(cos, sin, step_cos, step_sin):
+    """cos and sin of (a + b) from those of a and the D-vectors of b (angle addition).
+
+    Advances a streamed tile's phases to the next tile, in place of two SFU ops per element. One rounding
+    per tile: a few 1e-6 rad after hundreds of tiles, against the ~1e-3 rad of fp32 t * theta itself.
+    """
+    return (cos * step_cos[None, :] - sin * step_sin[None, :],
+            sin * step_cos[None, :] + cos * step_sin[None, :])
+
+
+@triton.jit
+def _polar(x, cos, sin, DTYPE: tl.constexpr):
+    """The Cartesian halves mu cos, mu sin of raw rows x (mu = softplus(x)), in DTYPE for the tensor cores."""
+    mu = _softplus(x.to(tl.float32))
+    return (mu * cos).to(DTYPE), (mu * sin).to(DTYPE)
+
+
+@triton.jit
+def _polar_grad(x, gc, gs, cos, sin):
+    """d/dx of the polar map x -> (mu cos, mu sin) given the gradients gc, gs of its halves.
+
+    Also returns the gradient of the phase, gs * mu cos - gc * mu sin (it is d delta for keys).
+    """
+    x = x.to(tl.float32)
+    mu = _softplus(x)
+    dx = tl.sigmoid(x) * (cos * gc + sin * gs)
+    dphase = mu * (gs * cos - gc * sin)
+    return dx, dphase
+
+
+@triton.jit
+def _causal_bounds(start_m, n_k, q_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range [0, hi) seen by query rows start_m .. start_m+BLOCK_M-1, split at `full`: blocks before it
+    are visible to every row and inside n_k (no masking); [full, hi) needs the mask."""
+    if CAUSAL:
+        first_pos = q_offset + start_m
+        hi = tl.minimum(first_pos + BLOCK_M, n_k)
+        full = tl.minimum(first_pos + 1, n_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_k
+        full = n_k // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freqs, delta, q_pos, lo, hi, n_k,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)
+    cos, sin = _phases(lo, BLOCK_N, freqs, delta)  # key phases s theta + delta of the first tile
+    step_cos, step_sin = _cos_sin(BLOCK_N * freqs)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_k
+        k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_ok[:, None], other=0.0)
+        kc, ks = _polar(k, cos, sin, v.dtype)
+        cos, sin = _rotate(cos, sin, step_cos, step_sin)
+        s = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
+        s = tl.dot(qs, tl.trans(ks), s, input_precision=DOT_PRECISION)
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= q_pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Freqs, Delta, Out, Lse,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                n_heads, n_q, n_k, q_offset, qk_scale,
+                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    # Causal: the last query blocks see the most keys; launch them first so the short ones fill the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q
+    d = tl.arange(0, HEAD_DIM)
+    freqs = tl.load(Freqs + d)
+    delta = tl.load(Delta + h * HEAD_DIM + d)
+
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    dtype = q.dtype
+    q_pos = q_offset + rows
+    cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))
+    # sm_scale * log2(e) folded into the queries: scores come out in log2 units, ready for exp2
+    qc, qs = _polar(q, cos * qk_scale, sin * qk_scale, dtype)
+
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    full, hi = _causal_bounds(start_m, n_k, q_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freqs, delta,
+                               q_pos, 0, full, n_k, CAUSAL, False, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freqs, delta,
+                               q_pos, full, hi, n_k, CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    o_rows = bh.to(tl.int64) * n_q + rows
+    tl.store(Out + o_rows[:, None] * HEAD_DIM + d[None, :], out.to(dtype), mask=row_ok[:, None])
+    tl.store(Lse + o_rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward: dq pass (queries stationary)
+
+
+@triton.jit
+def _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_vn, freqs, delta, q_pos,
+              lo, hi, n_k,
+              CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)
+    cos, sin = _phases(lo, BLOCK_N, freqs, delta)  # key phases s theta + delta of the first tile
+    step_cos, step_sin = _cos_sin(BLOCK_N * freqs)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_k
+        k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_ok[:, None], other=0.0)
+        kc, ks = _polar(k, cos, sin, v.dtype)
+        cos, sin = _rotate(cos, sin, step_cos, step_sin)
+        s = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
+        s = tl.dot(qs, tl.trans(ks), s, input_precision=DOT_PRECISION)
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= q_pos[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - dvec[:, None])).to(v.dtype)
+        gc = tl.dot(ds, kc, gc, input_precision=DOT_PRECISION)
+        gs = tl.dot(ds, ks, gs, input_precision=DOT_PRECISION)
+    return gc, gs
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
+               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+               stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+               n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
+               CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q
+    d = tl.arange(0, HEAD_DIM)
+    freqs = tl.load(Freqs + d)
+    delta = tl.load(Delta + h * HEAD_DIM + d)
+    o_rows = bh.to(tl.int64) * n_q + rows
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    dtype = q.dtype
+    q_pos = q_offset + rows
+    zero_bias = tl.zeros([HEAD_DIM], tl.float32)
+    cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, zero_bias)
+    qc, qs = _polar(q, cos * qk_scale, sin * qk_scale, dtype)  # scores in log2 units, as in the forward
+
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_don + d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    out = tl.load(Out + o_rows[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0)
+    dvec = tl.sum(out.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Dvec + o_rows, dvec, mask=row_ok)
+    lse = tl.load(Lse + o_rows, mask=row_ok, other=float("inf"))  # padded rows: P = 0
+
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    gc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    gs = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full, hi = _causal_bounds(start_m, n_k, q_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    gc, gs = _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_vn, freqs, delta,
+                       q_pos, 0, full, n_k, CAUSAL, False, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    gc, gs = _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_vn, freqs, delta,
+                       q_pos, full, hi, n_k, CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+
+    # the phases again rather than kept live through the loop (registers are the scarce resource here)
+    cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, zero_bias)
+    dq, _ = _polar_grad(q, gc * sm_scale, gs * sm_scale, cos, sin)
+    tl.store(DQ + o_rows[:, None] * HEAD_DIM + d[None, :], dq.to(dtype), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward: dk, dv and d delta pass (keys stationary)
+
+
+@triton.jit
+def _dkdv_inner(dv, gc, gs, kc, ks, v, q_base, do_base, stride_qn, stride_don, lse_base, dvec_base, freqs,
+                cols, lo, hi, n_q, q_offset,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)
+    cos, sin = _phases(q_offset + lo, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))  # t theta
+    step_cos, step_sin = _cos_sin(BLOCK_M * freqs)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_q
+        q = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don + d[None, :], mask=row_ok[:, None], other=0.0)
+        # padded query rows get lse = +inf, hence P = 0: they add nothing to dv, gc, gs
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        dvec = tl.load(dvec_base + rows, mask=row_ok, other=0.0)
+        qc, qs = _polar(q, cos, sin, v.dtype)
+        cos, sin = _rotate(cos, sin, step_cos, step_sin)
+        st = tl.dot(kc, tl.trans(qc), input_precision=DOT_PRECISION)
+        st = tl.dot(ks, tl.trans(qs), st, input_precision=DOT_PRECISION)
+        pt = tl.exp2(st - lse[None, :])
+        if MASKED:
+            pt = tl.where(cols[:, None] <= (q_offset + rows)[None, :], pt, 0.0)
+        dv = tl.dot(pt.to(v.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = (pt * (dpt - dvec[None, :])).to(v.dtype)
+        gc = tl.dot(dst, qc, gc, input_precision=DOT_PRECISION)
+        gs = tl.dot(dst, qs, gs, input_precision=DOT_PRECISION)
+    return dv, gc, gs
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                 n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
+                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)  # causal: the first key blocks are seen by the most queries, launched first
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_k
+    d = tl.arange(0, HEAD_DIM)
+    freqs = tl.load(Freqs + d)
+    delta = tl.load(Delta + h * HEAD_DIM + d)
+
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + cols[:, None] * stride_kn + d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + cols[:, None] * stride_vn + d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dtype = v.dtype
+    cos, sin = _phases(start_n, BLOCK_N, freqs, delta)
+    kc, ks = _polar(k, cos * qk_scale, sin * qk_scale, dtype)  # transposed scores in log2 units
+
+    # Query tiles that see this key block: [lo, full) straddle the causal diagonal (masked),
+    # [full, n_q) see all of it.
+    if CAUSAL:
+        lo = tl.maximum(start_n - q_offset, 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_offset, 0), BLOCK_M) * BLOCK_M, n_q)
+    else:
+        lo = 0
+        full = 0
+    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+    lse_base = Lse + bh.to(tl.int64) * n_q
+    dvec_base = Dvec + bh.to(tl.int64) * n_q
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    gc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    gs = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv, gc, gs = _dkdv_inner(dv, gc, gs, kc, ks, v, q_base, do_base, stride_qn, stride_don, lse_base,
+                             dvec_base, freqs, cols, lo, full, n_q, q_offset, True, BLOCK_M, HEAD_DIM,
+                             DOT_PRECISION)
+    dv, gc, gs = _dkdv_inner(dv, gc, gs, kc, ks, v, q_base, do_base, stride_qn, stride_don, lse_base,
+                             dvec_base, freqs, cols, full, n_q, n_q, q_offset, False, BLOCK_M, HEAD_DIM,
+                             DOT_PRECISION)
+
+    cos, sin = _phases(start_n, BLOCK_N, freqs, delta)  # again, rather than kept live through the loop
+    dk, ddelta = _polar_grad(k, gc * sm_scale, gs * sm_scale, cos, sin)
+    out_rows = bh.to(tl.int64) * n_k + cols
+    tl.store(DK + out_rows[:, None] * HEAD_DIM + d[None, :], dk.to(dtype), mask=col_ok[:, None])
+    tl.store(DV + out_rows[:, None] * HEAD_DIM + d[None, :], dv.to(dtype), mask=col_ok[:, None])
+    ddelta = tl.sum(tl.where(col_ok[:, None], ddelta, 0.0), 0)
+    tl.atomic_add(DDelta + h * HEAD_DIM + d, ddelta, sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers: autotuned on GPU, one fixed small configuration under the interpreter
+
+
+# Autotuning candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim (32 uses 64's); M counts
+# queries, N keys, whichever side is streamed. Kept to those whose inner loop compiles for sm_90 without
+# (or with few) register spills and that won on the H100 (benchmarks/attention_notes.md).
+_BLOCKS = {
+    "fwd": {64: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)], 128: [(128, 32, 8, 2), (128, 64, 8, 2)]},
+    "dq": {64: [(128, 64, 8, 2), (128, 32, 8, 2)], 128: [(128, 32, 8, 2), (64, 64, 8, 2)]},
+    "dkdv": {64: [(64, 128, 8, 2), (32, 128, 8, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)]},
+}
+
+
+def _zero_ddelta(nargs: dict) -> None:
+    # d delta is accumulated with atomics: every autotuning trial and the final run must start from zero
+    nargs["DDelta"].zero_()
+
+
+def _autotune(kernel, name: str, pre_hook=None):
+    blocks = _BLOCKS[name]
+
+    def for_head_dim(configs, named_args, **kwargs):
+        wanted = blocks[max(64, kwargs["HEAD_DIM"])]
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+               for m, n, w, s in dict.fromkeys(b for bs in blocks.values() for b in bs)]
+    return triton.autotune(configs, key=["n_q", "n_k", "HEAD_DIM", "CAUSAL"],
+                           prune_configs_by={"early_config_prune": for_head_dim})(kernel)
+
+
+_fwd_tuned = _autotune(_fwd_kernel, "fwd")
+_dq_tuned = _autotune(_dq_kernel, "dq")
+_dkdv_tuned = _autotune(_dkdv_kernel, "dkdv", _zero_ddelta)
+_INTERPRETER_BLOCKS = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
+
+
+def _launch(name: str, tuned, kernel, grid_rows: int, bh: int, *args, **constexprs) -> None:
+    """Run `kernel` over (row blocks, batch * heads) programs; rows are queries (fwd, dq) or keys (dkdv)."""
+    if _INTERPRETED:
+        block_m, block_n = _INTERPRETER_BLOCKS[name]
+        block = block_n if name == "dkdv" else block_m
+        kernel[(triton.cdiv(grid_rows, block), bh)](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        meta_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
+        tuned[lambda meta: (triton.cdiv(grid_rows, meta[meta_block]), bh)](*args, **constexprs)
+
+
+_freqs_cache: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+
+def _freqs(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    key = (head_dim, theta, device)
+    if key not in _freqs_cache:
+        _freqs_cache[key] = pope_frequencies(head_dim, theta, device, torch.float32)
+    return _freqs_cache[key]
+
+
+def _row_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # the kernels read rows as contiguous vectors; anything else (an expanded gradient, say) is copied
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full fp32 products (tf32 would cost 1e-3 relative error); ignored for fp16/bf16
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, k, v, delta, causal, sm_scale, theta, q_offset):
+    if not q.is_cuda and not _INTERPRETED:
+        raise RuntimeError("pope_attention runs Triton kernels on CUDA tensors; on CPU use "
+                           "pope_attention_reference (or run the kernels slowly in Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before the process first imports triton)")
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    out = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
+    _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
+            q, k, v, _freqs(head_dim, theta, q.device), delta.contiguous(), out, lse,
+            *_row_strides(q), *_row_strides(k), *_row_strides(v),
+            heads, n_q, n_k, q_offset, sm_scale * math.log2(math.e),
+            CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
+    return out, lse
+
+
+def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset):
+    dout, q, k, v = (_unit_last_stride(x) for x in (dout, q, k, v))
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    freqs = _freqs(head_dim, theta, q.device)
+    delta = delta.contiguous()
+    qk_scale = sm_scale * math.log2(math.e)
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
+    dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
+    dk = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=k.dtype)
+    dv = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=v.dtype)
+    dvec = torch.empty_like(lse)  # rowsum(dO * O), written by the dq pass, read by the dk/dv pass
+    ddelta = torch.zeros((heads, head_dim), device=q.device, dtype=torch.float32)
+    strides = (*_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(dout))
+    _launch("dq", _dq_tuned, _dq_kernel, n_q, batch * heads,
+            q, k, v, freqs, delta, out, dout, lse, dvec, dq, *strides,
+            heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
+    _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, batch * heads,
+            q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *strides,
+            heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
+    return dq, dk, dv, ddelta.to(delta.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (no graph break), differentiable through autograd
+
+
+@torch.library.custom_op("pope_lm::pope_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, causal: bool,
+            sm_scale: float, theta: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, delta, causal, sm_scale, theta, q_offset)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, delta, causal, sm_scale, theta, q_offset):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pope_lm::pope_attention_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float, theta: float,
+            q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), delta.new_empty(delta.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, delta, ctx.causal, ctx.sm_scale, ctx.theta, ctx.q_offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, delta, out, lse)
+
+
+def _autograd_backward(ctx, dout, _dlse):
+    q, k, v, delta, out, lse = ctx.saved_tensors
+    grads = _bwd_op(dout, q, k, v, delta, out, lse, ctx.causal, ctx.sm_scale, ctx.theta, ctx.q_offset)
+    return *grads, None, None, None, None
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def pope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, *,
+                   causal: bool = True, sm_scale: float | None = None, theta: float = 10000.0,
+                   q_offset: int = 0) -> torch.Tensor:
+    """PoPE attention with the fused Triton kernels; same function as `pope_attention_reference`.
+
+    q: (B, H, Nq, D), k and v: (B, H, Nk, D), fp16/bf16/fp32, D in {32, 64, 128}; delta: (H, D), used as
+    given (the module clamps it). Query row i sits at position q_offset + i, key row j at j; causal masks
+    keys j > q_offset + i. Returns (B, H, Nq, D) in q's dtype, differentiable in q, k, v and delta.
+    Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
+    """
+    _check_shapes(q, k, v, delta)
+    head_dim = q.shape[-1]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"pope_attention supports head dims {HEAD_DIMS}; got {head_dim}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q_offset < 0 or k.shape[2] == 0:
+        raise ValueError(f"need q_offset >= 0 and at least one key; got {q_offset}, {k.shape[2]} keys")
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    out, _ = _fwd_op(q, k, v, delta.float(), causal, sm_scale, float(theta), int(q_offset))
+    return out
