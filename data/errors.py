@@ -21,3 +21,9 @@ class DataError(ValueError):
             last = message.rstrip().splitlines()[-1]
             message = last.split("DataError: ", 1)[-1]
         super().__init__(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name): foreign errors, one line each."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
