@@ -1,0 +1,32 @@
+"""The model's architecture settings, kept free of any dependency beyond the standard library.
+
+It lives apart from `pope_lm.config` (which needs omegaconf) because `pope-lm export-hf` copies this file, the
+model and the position code verbatim into a Hugging Face folder, where they must import with torch alone.
+`pope_lm.config` re-exports `ModelConfig` and validates its values as part of a `RunConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257  # the tokenizer's vocabulary; the embedding is padded up to a multiple of 64
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int = 12
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    position: str = "pope"  # pope | rope | none
+    theta: float = 10000.0  # frequency base for PoPE and RoPE
+    delta_init: str = "zero"  # PoPE phase bias init: zero (language modelling) | uniform (Uniform(-2pi, 0))
+    attention_backend: str = "auto"  # reference | triton | auto (triton on CUDA, reference elsewhere)
+    init_std: float = 0.02
+    # RoPE context extension (pope_lm/rope_scaling.py), for scoring or fine-tuning a RoPE model beyond the length it
+    # was trained at: none | pi (position interpolation) | ntk (NTK-aware base change) | yarn. The factor s stretches
+    # the context from rope_original_max_len to s x rope_original_max_len. PoPE and NoPE ignore all three.
+    rope_scaling_type: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_original_max_len: int = 1024

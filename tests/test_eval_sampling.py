@@ -1,0 +1,60 @@
+"""`pope-lm sample`: KV-cache decoding from a native checkpoint."""
+
+import pytest
+import torch
+
+from pope_lm.checkpointing import load_model
+from pope_lm.cli import main
+from pope_lm.data.tokenizers import get_tokenizer
+from pope_lm.sampling import SamplingSettings, generate
+
+
+@pytest.mark.parametrize("position", ["pope", "rope"])
+def test_cached_greedy_decoding_equals_argmax_of_full_forward_passes(position, make_tiny_checkpoint):
+    model, _ = load_model(make_tiny_checkpoint(position))
+    model.eval()
+    idx = torch.tensor([[464, 2068, 7586, 21831], [40, 588, 257, 3797]])
+    got = generate(model, idx, SamplingSettings(max_new_tokens=12, greedy=True))
+    context = idx
+    with torch.no_grad():
+        for _ in range(12):  # no cache: the whole context again at every step
+            context = torch.cat((context, model(context)[:, -1, :50257].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(got, context[:, idx.shape[1]:])
+
+
+def test_sampling_is_reproducible_by_seed_and_top_1_is_greedy(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    model.eval()
+    idx = torch.tensor([[464, 2068]])
+
+    def run(**kw):
+        return generate(model, idx, SamplingSettings(max_new_tokens=16, **kw))
+
+    assert torch.equal(run(seed=1, temperature=1.0, top_k=None), run(seed=1, temperature=1.0, top_k=None))
+    assert not torch.equal(run(seed=1, temperature=1.0, top_k=None), run(seed=2, temperature=1.0, top_k=None))
+    assert torch.equal(run(top_k=1, seed=5), run(greedy=True))
+
+
+def test_sample_command_prints_prompt_and_continuation(tiny_checkpoint, capsys):
+    argv = ["sample", str(tiny_checkpoint), "--prompt", "Once upon a time", "--greedy", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("Once upon a time")
+    model, _ = load_model(tiny_checkpoint)
+    tokenizer = get_tokenizer("gpt2")
+    new = generate(model.eval(), torch.tensor([tokenizer.encode("Once upon a time").tolist()]),
+                   SamplingSettings(max_new_tokens=8, greedy=True), eos_id=tokenizer.eos_id)[0].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    assert first == "Once upon a time" + tokenizer.decode(new) + "\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--temperature", "0"], "error: --temperature must be > 0 (use --greedy for argmax); got 0.0"),
+    (["--max-new-tokens", "-1"], "error: --max-new-tokens must be >= 0; got -1"),
+    (["--tokenizer", "bpe"], "error: unknown tokenizer 'bpe' (valid: gpt2, nt-6mer, dna-char)"),
+])
+def test_bad_sampling_options_give_one_line(args, message, tiny_checkpoint, capsys):
+    assert main(["sample", str(tiny_checkpoint), "--prompt", "Hi", *args]) == 2
+    assert capsys.readouterr().err == message + "\n"
