@@ -88,4 +88,5 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        return {k: (f"{v:,.0f}" if k == "tokens_per_s" else v) for k, v in metrics.items()}
+        shown = {"tokens_per_s": "{:,.0f}", "mfu": "{:.1%}"}
+        return {k: (shown[k].format(v) if k in shown else v) for k, v in metrics.items()}
