@@ -15,6 +15,7 @@ from torch import nn
 from pope_lm.config import ModelConfig
 from pope_lm.kernels import pope_attention_reference
 from pope_lm.kernels.reference import sdpa
+from pope_lm.rope_scaling import attention_logit_scale, rope_inverse_frequencies
 
 
 class PoPE(nn.Module):
@@ -51,8 +52,10 @@ class PoPE(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
         delta = self.delta.float().clamp(self.DELTA_MIN, self.DELTA_MAX)
         if _use_triton(self.backend, q):
-            from pope_lm.kernels import pope_attention  # imported lazily: Triton JIT is only needed on CUDA
-
+            try:  # imported lazily: only CUDA runs need Triton (an exported HF model may lack pope_lm.kernels)
+                from pope_lm.kernels import pope_attention
+            except ImportError as exc:
+                raise RuntimeError(f"attention_backend={self.backend} needs pope-lm's Triton kernel: {exc}") from exc
             return pope_attention(q, k, v, delta, causal=True, theta=self.theta, q_offset=q_offset)
         return pope_attention_reference(q, k, v, delta, causal=True, theta=self.theta, q_offset=q_offset)
 
@@ -60,14 +63,24 @@ class PoPE(nn.Module):
 class RoPE(nn.Module):
     """Rotary position embedding (half-split pairs, as in GPT-NeoX and Llama), the paper's baseline.
 
-    Pair (x_i, x_{i + D/2}) is rotated by angle position * base^(-2i/D).
+    Pair (x_i, x_{i + D/2}) is rotated by angle position * base^(-2i/D). A context-extension method
+    (pope_lm/rope_scaling.py: pi, ntk or yarn by `factor`) changes those frequencies and, for YaRN, the logit scale.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                 original_max_len: int = 1024) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.theta, self.scaling, self.factor, self.original_max_len = theta, scaling, factor, original_max_len
+        self.logit_scale = attention_logit_scale(scaling, factor)
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fill the frequency table; transformers calls this after building an exported model on the meta device."""
+        table = rope_inverse_frequencies(self.head_dim, self.theta, self.scaling, self.factor, self.original_max_len)
+        self.inv_freq.copy_(table)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         angle = positions.float()[:, None] * self.inv_freq  # (N, D/2), fp32: positions reach 1e4
@@ -81,7 +94,7 @@ class RoPE(nn.Module):
         n_q, n_k = q.shape[2], k.shape[2]
         q_pos = torch.arange(q_offset, q_offset + n_q, device=q.device)
         k_pos = torch.arange(n_k, device=k.device)
-        scale = 1.0 / math.sqrt(self.head_dim)
+        scale = self.logit_scale / math.sqrt(self.head_dim)
         return sdpa(self.rotate(q, q_pos), self.rotate(k, k_pos), v, causal=True, scale=scale, q_offset=q_offset)
 
 
@@ -103,16 +116,24 @@ def build_position(cfg: ModelConfig) -> PositionEncoding:
     if cfg.position == "pope":
         return PoPE(cfg.n_head, cfg.head_dim, cfg.theta, cfg.delta_init, cfg.attention_backend)
     if cfg.position == "rope":
-        return RoPE(cfg.head_dim, cfg.theta)
+        return RoPE(cfg.head_dim, cfg.theta, cfg.rope_scaling_type, cfg.rope_scaling_factor,
+                    cfg.rope_original_max_len)
     return NoPosition(cfg.head_dim)
 
 
 def _use_triton(backend: str, q: torch.Tensor) -> bool:
+    """`triton`: always (CUDA only); `auto`: on CUDA when the kernel exists here and supports the head dim."""
     if backend == "triton":
         if not q.is_cuda:
             raise RuntimeError("model.attention_backend=triton needs CUDA tensors; use 'reference' or 'auto' on CPU")
         return True
-    return backend == "auto" and q.is_cuda
+    if backend != "auto" or not q.is_cuda:
+        return False
+    try:
+        from pope_lm.kernels.flash import HEAD_DIMS
+    except ImportError:  # an exported model running without pope-lm installed
+        return False
+    return q.shape[-1] in HEAD_DIMS
 
 
 __all__ = ["NoPosition", "PoPE", "PositionEncoding", "RoPE", "build_position"]

@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny native checkpoints written exactly as `pope-lm train` writes them (Lightning + LitGPT)."""
+"""Shared test setup, and tiny native checkpoints written exactly as `pope-lm train` writes them.
+
+Triton decides between compiling and interpreting when it is first imported, so TRITON_INTERPRET is set
+here, before any test module imports it: on this CPU-only machine the kernels then run in the interpreter.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from collections.abc import Callable
 from pathlib import Path

@@ -1,27 +1,15 @@
 """The PoPE flash-attention Triton kernels against the float64 reference, on CPU through Triton's interpreter.
 
-Triton chooses between compiling and interpreting when the process first imports it, so TRITON_INTERPRET
-is set here before anything imports triton. When another test module imported triton first (a whole-suite
-run), this file cannot interpret in-process; it then runs itself again in a fresh process.
+Triton chooses between compiling and interpreting when the process first imports it; tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from pope_lm.kernels import flash, pope_attention, pope_attention_reference
-
-_CHILD_ENV = "POPE_FLASH_TEST_CHILD"
-interpreted = pytest.mark.skipif(not flash._INTERPRETED,
-                                 reason="triton was imported before TRITON_INTERPRET was set; "
-                                        "test_runs_in_a_fresh_interpreter_process runs this file instead")
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
@@ -57,20 +45,17 @@ def _check_against_reference(q, k, v, delta, dout, **kwargs) -> None:
     assert all(e < tol for e in errors.values()), errors
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_self_attention_odd_length_matches_reference(dtype, causal):
     _check_against_reference(*_inputs(2, 2, 37, 37, 32, dtype), causal=causal)
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_more_keys_than_queries_non_causal_matches_reference(dtype):
     _check_against_reference(*_inputs(1, 2, 29, 45, 64, dtype, seed=1), causal=False)
 
 
-@interpreted
 @pytest.mark.parametrize(("n_q", "n_k", "q_offset"), [(7, 50, 43), (20, 40, 20), (1, 33, 32), (9, 9, 40)])
 def test_causal_with_query_offset_matches_reference(n_q, n_k, q_offset):
     # decoding with a cache (q_offset = Nk - Nq), a chunk of a prefill, one token, queries past all keys
@@ -78,18 +63,15 @@ def test_causal_with_query_offset_matches_reference(n_q, n_k, q_offset):
                              q_offset=q_offset)
 
 
-@interpreted
 def test_head_dim_128_matches_reference():
     _check_against_reference(*_inputs(1, 1, 24, 24, 128, torch.float16, seed=3), causal=True)
 
 
-@interpreted
 def test_custom_scale_and_theta_match_reference():
     _check_against_reference(*_inputs(1, 2, 33, 33, 32, torch.float32, seed=4), causal=True, sm_scale=0.3,
                              theta=500.0)
 
 
-@interpreted
 def test_strided_inputs_and_expanded_gradient_match_reference():
     # (B, N, H, D) projections viewed as (B, H, N, D), and the stride-0 gradient that sum() hands back
     q, k, v, delta, _ = _inputs(2, 3, 21, 21, 32, torch.float32, seed=5)
@@ -98,7 +80,6 @@ def test_strided_inputs_and_expanded_gradient_match_reference():
     _check_against_reference(q, k, v, delta, torch.ones(2, 3, 21, 32).expand(2, 3, 21, 32), causal=True)
 
 
-@interpreted
 def test_compiles_without_graph_break():
     q, k, v, delta, _ = _inputs(1, 2, 20, 20, 32, torch.float32, seed=6)
     delta.requires_grad_()
@@ -112,7 +93,6 @@ def test_compiles_without_graph_break():
     assert _rel_err(grad, ref_grad.double()) < TOL[torch.float32]
 
 
-@interpreted
 def test_custom_ops_pass_opcheck():
     q, k, v, delta, dout = _inputs(1, 2, 19, 19, 32, torch.float32, seed=7)
     fwd_args = (q.requires_grad_(), k, v, delta, True, 0.2, 10000.0, 0)
@@ -123,7 +103,6 @@ def test_custom_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@interpreted
 def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     monkeypatch.setattr(flash, "_INTERPRETED", False)
     with pytest.raises(RuntimeError, match="CUDA"):
@@ -135,10 +114,6 @@ def test_unsupported_head_dim_is_rejected():
         pope_attention(*_inputs(1, 1, 8, 8, 48, torch.float32)[:4])
 
 
-@pytest.mark.skipif(flash._INTERPRETED, reason="this process interprets the kernels itself")
-def test_runs_in_a_fresh_interpreter_process():
-    assert os.environ.get(_CHILD_ENV) is None, "TRITON_INTERPRET did not take effect in a fresh process"
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_ENV: "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+def test_kernels_run_in_the_interpreter_on_cpu():
+    assert flash._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)"

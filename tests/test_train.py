@@ -1,0 +1,143 @@
+"""`pope-lm train` end to end on the CPU: real text, a real MLflow store, real checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pope_lm.checkpointing import list_checkpoints
+from pope_lm.data.corpora import prepare_text
+from pope_lm.data.prepare import Settings
+
+pytestmark = pytest.mark.slow
+
+# A 2-layer model small enough that a step takes milliseconds; the GPT-2 head still dominates.
+MICRO = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.head_dim=32",
+         "data.seq_len=32", "data.val_batches=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=4"]
+
+
+def pope_lm(*args: str, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pope_lm.cli", "train", *args, f"run_dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def mlflow_run(run_dir: Path):
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pope-lm").experiment_id])
+    return client, runs
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """Last logged value per step (a resumed run re-logs the steps after its checkpoint)."""
+    values: dict[int, float] = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step)):
+        values[m.step] = m.value
+    return values
+
+
+def test_tiny_recipe_learns_shakespeare_and_logs_to_mlflow(tmp_path):
+    run_dir = tmp_path / "tiny"
+    finish(pope_lm("recipes/tiny.yaml", *MICRO, "data.seq_len=64", "trainer.max_steps=40",
+                   "trainer.val_every_n_steps=40", "optim.warmup_steps=10", "checkpoint.every_n_steps=20",
+                   run_dir=run_dir))
+
+    client, runs = mlflow_run(run_dir)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["model.position"] == "pope" and run.data.params["trainer.max_steps"] == "40"
+    val = history(client, run.info.run_id, "val/loss")
+    first, last = val[min(val)], val[max(val)]
+    assert first > 10.0 and last < first - 2.5, val  # from ~ln(50304) to well below
+    assert len(history(client, run.info.run_id, "train/loss")) >= 4
+    for key in ("lr", "grad_norm", "tokens_per_s", "val/ppl"):
+        assert history(client, run.info.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "final_metrics.json"} <= artifacts
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-00000020.ckpt", "step-00000040.ckpt"]
+
+
+@pytest.fixture(scope="module")
+def word_corpus(tmp_path_factory) -> Path:
+    """A small prepared dataset of made-up sentences (no network needed)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the king queen sword crown speaks to of and in a my his her night day love war".split()
+    files = []
+    for i in range(12):
+        path = root / f"doc{i}.txt"
+        path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(150)))
+        files.append(str(path))
+    out = root / "dataset"
+    prepare_text(out, files[:10], Settings("gpt2", block_len=256, shard_tokens=4096), val_inputs=files[10:])
+    return out
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_with_identical_losses(tmp_path, word_corpus):
+    common = [*MICRO, f"data.dataset={word_corpus}", "trainer.max_steps=40", "trainer.log_every_n_steps=1",
+              "trainer.val_every_n_steps=20", "checkpoint.every_n_steps=10", "checkpoint.keep_last=3",
+              "optim.warmup_steps=5"]
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    finish(pope_lm("recipes/tiny.yaml", *common, run_dir=reference_dir))
+
+    victim = pope_lm("recipes/tiny.yaml", *common, run_dir=killed_dir)
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(killed_dir / "checkpoints"):
+        assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    saved = list_checkpoints(killed_dir / "checkpoints")[-1]
+    saved_step = int(saved.stem.split("-")[1])
+    assert saved_step < 40
+
+    out = finish(pope_lm("recipes/tiny.yaml", *common, "resume=auto", run_dir=killed_dir))
+    assert "resuming from" in out
+
+    client, runs = mlflow_run(killed_dir)
+    assert len(runs) == 1, "the resumed run must continue the same MLflow run"
+    ref_client, ref_runs = mlflow_run(reference_dir)
+    resumed = history(client, runs[0].info.run_id, "train/loss")
+    reference = history(ref_client, ref_runs[0].info.run_id, "train/loss")
+    after = [s for s in reference if s >= saved_step]
+    assert len(after) >= 40 - saved_step - 1
+    for step in after:
+        assert math.isclose(resumed[step], reference[step], rel_tol=0, abs_tol=1e-6), (step, resumed[step])
+
+
+def test_phase_biases_stay_in_range_during_training(tmp_path, word_corpus):
+    run_dir = tmp_path / "delta"
+    # A large learning rate pushes delta hard; uniform init starts some values near both bounds.
+    finish(pope_lm("recipes/tiny.yaml", *MICRO, f"data.dataset={word_corpus}", "model.delta_init=uniform",
+                   "optim.lr=0.5", "optim.min_lr=0.5", "optim.warmup_steps=0", "optim.grad_clip=0",
+                   "trainer.max_steps=10", "trainer.val_every_n_steps=10", "tracking.enabled=false",
+                   run_dir=run_dir))
+    state = torch.load(list_checkpoints(run_dir / "checkpoints")[-1], weights_only=True)["state_dict"]
+    deltas = torch.stack([v for k, v in state.items() if k.endswith("position.delta")])
+    assert deltas.min() >= -2 * math.pi and deltas.max() <= 0.0
+    assert (deltas == 0.0).any() or (deltas == -2 * math.pi).any(), "the test did not push delta to a bound"
+
+
+def test_missing_dataset_fails_with_one_line(tmp_path):
+    proc = pope_lm("recipes/tiny.yaml", f"data.dataset={tmp_path / 'nowhere'}", run_dir=tmp_path / "run")
+    out = proc.communicate(timeout=120)[0].strip()
+    assert proc.returncode == 2
+    assert out.splitlines()[-1].startswith("error:") and "nowhere" in out.splitlines()[-1]
+    assert "Traceback" not in out
