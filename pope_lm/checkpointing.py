@@ -2,19 +2,23 @@
 
 A checkpoint file is written under a temporary name and renamed into place, so a file named
 `step-XXXXXXXX.ckpt` is always complete; a run killed mid-write leaves only a `.tmp` file, which discovery
-ignores and the next save overwrites.
+ignores and the next save overwrites. Under DeepSpeed a checkpoint is a directory of the same name holding
+every rank's ZeRO shards (written by all ranks under the temporary name, renamed by rank 0 once all are done);
+discovery, resume and `load_model` take either form.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from pope_lm.config import ConfigError, RunConfig, config_from_container
 from pope_lm.lit_module import CONFIG_KEY
@@ -82,26 +86,80 @@ class PeriodicCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
-        # Full state (optimizer, schedule, loops, data position), not weights only. Every rank calls; rank 0 writes.
-        trainer.save_checkpoint(self.directory / checkpoint_name(step), weights_only=False)
+        path = self.directory / checkpoint_name(step)
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            _save_sharded(trainer, path)
+        else:
+            # Full state (optimizer, schedule, loops, data position), not weights only. Every rank calls; rank 0
+            # writes.
+            trainer.save_checkpoint(path, weights_only=False)
         self._last_saved_step = step
         if trainer.is_global_zero:
             for old in list_checkpoints(self.directory)[: -self.keep_last]:
-                old.unlink(missing_ok=True)
+                _remove(old)
+
+
+def _save_sharded(trainer: L.Trainer, path: Path) -> None:
+    """DeepSpeed's directory of per-rank shards, visible under its final name only once every rank has written."""
+    tmp = path.with_name(path.name + ".tmp")
+    if trainer.is_global_zero:
+        _remove(tmp)  # left by a run killed mid-save; its shards may come from another world size
+    trainer.strategy.barrier("pope_lm.save_sharded")
+    trainer.save_checkpoint(tmp, weights_only=False)  # every rank writes its shards; returns after a barrier
+    if trainer.is_global_zero:
+        # Saving a step again (the final step right after resuming at it): rename() cannot replace a directory,
+        # so the old one moves aside first; a crash in between leaves the complete new one as .tmp and the old as .old.
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        _remove(old)
+    trainer.strategy.barrier("pope_lm.save_sharded")  # on every rank, the checkpoint is complete once this returns
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def checkpoint_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's entries besides the weights (config, MLflow run id, loop state), memory-mapped.
+
+    A native file holds everything. In a ZeRO directory they are DeepSpeed's 'client state', stored with rank
+    0's model states (whose weights may be placeholders: `load_model` gathers the real ones).
+    """
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not (path / "latest").is_file():
+        raise ConfigError(f"{path} is not a checkpoint: neither a file nor a DeepSpeed checkpoint directory")
+    tag = (path / "latest").read_text().strip()
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):  # ZeRO-1/2, ZeRO-3
+        if (path / tag / name).is_file():
+            return torch.load(path / tag / name, map_location="cpu", weights_only=True, mmap=True)
+    raise ConfigError(f"{path} is not a DeepSpeed checkpoint (no model states under {path / tag})")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, RunConfig]:
-    """Rebuild the trained GPT and its RunConfig from a native pope-lm checkpoint (loaded with weights_only)."""
+    """Rebuild the trained GPT and its RunConfig from a pope-lm checkpoint: a native file (loaded with weights_only)
+    or a ZeRO directory, whose shards DeepSpeed's zero_to_fp32 gathers into full fp32 weights."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = checkpoint_state(path)
     if CONFIG_KEY not in state:
         raise ConfigError(f"{path} is not a pope-lm checkpoint (no '{CONFIG_KEY}' entry)")
     cfg = config_from_container(state[CONFIG_KEY])
+    if path.is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # slow import: only here
+
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    else:
+        state_dict = state["state_dict"]
     model = GPT(cfg.model)
     prefix = "model."
-    weights = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in state["state_dict"].items()
+    weights = {k[len(prefix):].replace("_orig_mod.", ""): v.to(map_location) for k, v in state_dict.items()
                if k.startswith(prefix)}
     model.load_state_dict(weights)
     return model, cfg

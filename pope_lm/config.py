@@ -16,37 +16,27 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from pope_lm.model_config import ModelConfig  # re-exported: it lives in a dependency-free module for export-hf
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message is a single line."""
 
 
 @dataclass
-class ModelConfig:
-    vocab_size: int = 50257  # the tokenizer's vocabulary; the embedding is padded up to a multiple of 64
-    n_layer: int = 12
-    d_model: int = 768
-    n_head: int = 12
-    head_dim: int = 64
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    position: str = "pope"  # pope | rope | none
-    theta: float = 10000.0  # frequency base for PoPE and RoPE
-    delta_init: str = "zero"  # PoPE phase bias init: zero (language modelling) | uniform (Uniform(-2pi, 0))
-    attention_backend: str = "auto"  # reference | triton | auto (triton on CUDA, reference elsewhere)
-    init_std: float = 0.02
-
-
-@dataclass
 class DataConfig:
-    # A prepared dataset: a directory holding manifest.json (see `pope-lm prepare`), or the name of a
-    # built-in corpus ('shakespeare') that is prepared into cache_dir on first use.
+    # A prepared dataset (see `pope-lm prepare`): a directory holding manifest.json, a URL prefix that webdataset
+    # opens (https://host/owt), a template with {name} (pipe:aws s3 cp s3://bucket/owt/{name} -), or the name of
+    # a built-in corpus ('shakespeare') that is prepared into cache_dir on first use.
     dataset: str = "shakespeare"
     cache_dir: str = "~/.cache/pope-lm"
     seq_len: int = 1024  # tokens per training sequence (each sample holds seq_len + 1 tokens)
     num_workers: int = 0  # DataLoader worker processes per rank
-    shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer (0: no sample shuffle)
+    shuffle_buffer: int = 1000  # samples shuffled together (consecutive chunks of a shard; 0 or 1: in order)
     val_batches: int = 20  # validation batches per evaluation, streamed in order without shuffle
+    tokenizer: str = ""  # expected tokenizer id of the dataset (gpt2 | nt-6mer | dna-char); "" accepts any
+    skip_corrupt: bool = False  # skip (and count) a corrupt or unreadable shard instead of stopping
+    layout_change: str = "refuse"  # resuming with other ranks/workers/batch/seq_len: refuse | next_epoch
 
 
 @dataclass
@@ -69,7 +59,11 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: int = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp
+    strategy: str = "auto"  # auto | ddp | deepspeed (GPU only; see docs/scaling.md)
+    zero_stage: int = 2  # deepspeed: ZeRO shards 1 optimizer states, 2 + gradients, 3 + parameters over the ranks
+    offload_optimizer: bool = False  # deepspeed: optimizer states and fp32 master weights in CPU memory
+    offload_params: bool = False  # deepspeed with zero_stage 3: parameters in CPU memory between uses
+    deepspeed_config: str = ""  # deepspeed: JSON file merged over the DeepSpeed config generated from the recipe
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision string
     val_every_n_steps: int = 1000
     log_every_n_steps: int = 10
@@ -98,6 +92,9 @@ class RunConfig:
     run_dir: str = ""  # empty: runs/<name>
     seed: int = 1337
     resume: str = ""  # "" (fresh run) | auto (newest complete checkpoint in run_dir) | path to a checkpoint
+    # Fine-tuning: start a fresh run (step 0, new optimizer and schedule) from this checkpoint's weights.
+    # Ignored when the run resumes from its own checkpoint.
+    init_from: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -114,8 +111,9 @@ _CHOICES = {
     "model.position": ("pope", "rope", "none"),
     "model.delta_init": ("zero", "uniform"),
     "model.attention_backend": ("auto", "reference", "triton"),
+    "model.rope_scaling_type": ("none", "pi", "ntk", "yarn"),
     "trainer.accelerator": ("auto", "cpu", "gpu"),
-    "trainer.strategy": ("auto", "ddp"),
+    "trainer.strategy": ("auto", "ddp", "deepspeed"),
 }
 
 
@@ -187,6 +185,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("'optim.warmup_steps', 'optim.grad_clip' and 'optim.weight_decay' must be >= 0")
     if not math.isfinite(m.theta) or m.theta <= 1.0:
         raise ConfigError(f"'model.theta' must be a finite number > 1; got {m.theta}")
+    if m.rope_scaling_factor < 1.0:
+        raise ConfigError(f"'model.rope_scaling_factor' must be >= 1; got {m.rope_scaling_factor}")
+    if m.rope_original_max_len <= 0:
+        raise ConfigError(f"'model.rope_original_max_len' must be positive; got {m.rope_original_max_len}")
+    if m.attention_backend == "triton" and m.position == "pope" and m.head_dim not in (32, 64, 128):
+        raise ConfigError(f"'model.attention_backend' triton supports head_dim 32, 64 or 128; got {m.head_dim} "
+                          "(use auto, which falls back to the reference backend)")
+    t = cfg.trainer
+    if t.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"'trainer.zero_stage' must be one of 1, 2, 3; got {t.zero_stage}")
+    if t.strategy != "deepspeed" and (t.offload_optimizer or t.offload_params or t.deepspeed_config):
+        raise ConfigError("'trainer.offload_optimizer', 'trainer.offload_params' and 'trainer.deepspeed_config' "
+                          f"need trainer.strategy=deepspeed; got '{t.strategy}'")
+    if t.offload_params and t.zero_stage != 3:
+        raise ConfigError(f"'trainer.offload_params' needs trainer.zero_stage=3 (the stage that partitions "
+                          f"parameters); got {t.zero_stage}")
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from pope_lm.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint, resolve_resume
+from pope_lm.checkpointing import (
+    AtomicCheckpointIO,
+    PeriodicCheckpoint,
+    checkpoint_state,
+    load_model,
+    resolve_resume,
+)
 from pope_lm.config import ConfigError, RunConfig
 from pope_lm.data import TokenDataModule
-from pope_lm.lit_module import LitGPT
 from pope_lm.monitoring import SpeedMonitor, StepProgressBar, peak_flops
+from pope_lm.strategy import (
+    Preempted,
+    StopOnSignal,
+    accumulation_steps,
+    build_strategy,
+    check_launcher_geometry,
+    cluster_plugins,
+    lightning_module,
+)
 from pope_lm.tracking import RUN_ID_KEY, RunIdInCheckpoint, build_logger, log_run_end, log_run_start
 
 log = logging.getLogger("pope_lm")
@@ -33,28 +49,24 @@ def resolve_precision(cfg: RunConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator == "gpu" else "32-true"
 
 
-def accumulation_steps(cfg: RunConfig) -> int:
-    """Micro-batches per optimizer step so that micro x world size x accumulation = global batch."""
-    t = cfg.trainer
-    world = t.devices * t.num_nodes
-    per_step = t.micro_batch_size * world
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"'trainer.global_batch_size' ({t.global_batch_size}) is not divisible by micro_batch_size x world size "
-            f"({t.micro_batch_size} x {world} = {per_step})"
-        )
-    return t.global_batch_size // per_step
+def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Train (or resume) the run described by `cfg`; returns the final logged metrics.
 
-
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train (or resume) the run described by `cfg`; returns the final logged metrics."""
+    `extra_callbacks` join pope-lm's own (benchmarks/scaleout.py measures through one).
+    """
     run_dir = cfg.resolved_run_dir
     checkpoint_dir = run_dir / "checkpoints"
     accelerator = resolve_accelerator(cfg)
     if cfg.model.attention_backend == "triton" and accelerator != "gpu":
         raise ConfigError("'model.attention_backend' triton needs a GPU; use reference or auto on CPU")
+    check_launcher_geometry(cfg)
     accumulate = accumulation_steps(cfg)
+    precision = resolve_precision(cfg, accelerator)
+    strategy = build_strategy(cfg, accelerator, precision)
     resume_path = resolve_resume(cfg.resume, checkpoint_dir)
+    if resume_path is not None and resume_path.is_dir() != (cfg.trainer.strategy == "deepspeed"):
+        kind, needed = ("a DeepSpeed (ZeRO)", "deepspeed") if resume_path.is_dir() else ("a native", "ddp or auto")
+        raise ConfigError(f"{resume_path} is {kind} checkpoint; resume it with trainer.strategy={needed}")
     run_id = _stored_run_id(resume_path)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -65,17 +77,26 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             f"'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the dataset's tokenizer vocabulary "
             f"({datamodule.vocab_size}, {datamodule.tokenizer_name})"
         )
-    module = LitGPT(cfg)
+    module = lightning_module(cfg)
+    if cfg.init_from and resume_path is None:
+        _start_from_weights(module, cfg)
     if cfg.trainer.compile:
         module.model = torch.compile(module.model)  # type: ignore[assignment]
 
-    logger = build_logger(cfg, run_id)
+    # srun and torchrun start all ranks at once, and each would create (migrate) a new sqlite MLflow store
+    # concurrently, which fails; a file lock lets one process at a time open it.
+    with open(run_dir / ".mlflow.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        logger = build_logger(cfg, run_id)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
+    stopper = StopOnSignal(every_n_steps=cfg.trainer.log_every_n_steps)
     callbacks: list[L.Callback] = [
         PeriodicCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
         SpeedMonitor(tokens_per_step, module.model.flops_per_token(cfg.data.seq_len),
                      peak_flops(cfg.trainer.peak_tflops), cfg.trainer.log_every_n_steps),
         StepProgressBar(refresh_rate=cfg.trainer.log_every_n_steps),
+        stopper,
+        *extra_callbacks,
     ]
     if logger is not None:
         callbacks.append(RunIdInCheckpoint(logger))
@@ -83,8 +104,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         accelerator=accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=resolve_precision(cfg, accelerator),  # type: ignore[arg-type]
+        strategy=strategy,
+        precision=precision,  # type: ignore[arg-type]
         max_steps=cfg.trainer.max_steps,
         accumulate_grad_batches=accumulate,
         # The stream has no epochs, so validation runs every N micro-batches (= N / accumulate optimizer steps).
@@ -95,7 +116,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         enable_checkpointing=False,  # PeriodicCheckpoint does it, atomically
         use_distributed_sampler=False,  # the data module splits the stream across ranks itself
         default_root_dir=str(run_dir),
@@ -110,13 +131,28 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["step"] = trainer.global_step
+    if stopper.stopped and trainer.global_step < cfg.trainer.max_steps:
+        raise Preempted(f"stopped on SIGUSR1 after step {trainer.global_step}, saved in {checkpoint_dir}")
     if logger is not None and trainer.is_global_zero:
         log_run_end(logger, cfg, metrics)
     return metrics
 
 
+def _start_from_weights(module: L.LightningModule, cfg: RunConfig) -> None:
+    """Fine-tuning: copy the weights of `init_from` (step, optimizer and schedule start fresh)."""
+    pretrained, pretrained_cfg = load_model(cfg.init_from)
+    if pretrained_cfg.model.position != cfg.model.position:
+        raise ConfigError(f"'init_from' {cfg.init_from} is a {pretrained_cfg.model.position} model; "
+                          f"this run's model.position is {cfg.model.position}")
+    try:
+        module.model.load_state_dict(pretrained.state_dict())
+    except RuntimeError as exc:
+        raise ConfigError(f"'init_from' {cfg.init_from} does not fit this run's model: "
+                          f"{str(exc).splitlines()[1].strip()}") from None
+    log.info("starting from the weights of %s", cfg.init_from)
+
+
 def _stored_run_id(checkpoint: Path | None) -> str | None:
     if checkpoint is None:
         return None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return state.get(RUN_ID_KEY)
+    return checkpoint_state(checkpoint).get(RUN_ID_KEY)

@@ -1,0 +1,94 @@
+"""One rank of DeepSpeed ZeRO-2 and ZeRO-3 runs of the pope-lm GPT on CPU, driven directly (Lightning refuses
+DeepSpeed on CPU).
+
+    torchrun --nproc_per_node 2 tests/deepspeed_worker.py OUT_DIR
+
+For each stage, builds what `pope-lm train trainer.strategy=deepspeed` builds (LitGPT with its AdamW and schedule,
+the DeepSpeed config from `pope_lm.strategy.deepspeed_config`), trains 4 optimizer steps with accumulation and
+saves a ZeRO checkpoint after steps 2 and 4 the way Lightning's DeepSpeedStrategy does (tag 'checkpoint', the
+pope-lm config in the client state); then a fresh engine resumes from the step-2 checkpoint and repeats steps 3
+and 4. Rank 0 writes OUT_DIR/zero{stage}/result.pt: the per-step losses of both runs and the engine's full fp32
+weights after step 4.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import deepspeed
+import deepspeed_cpu  # noqa: F401
+import torch
+import torch.nn.functional as F
+from deepspeed.utils import safe_get_full_fp32_param
+
+from pope_lm.checkpointing import checkpoint_name
+from pope_lm.config import RunConfig, config_to_container, load_config
+from pope_lm.lit_module import CONFIG_KEY, LitGPT
+from pope_lm.strategy import accumulation_steps, clamp_sharded_phase_biases_, deepspeed_config
+
+STEPS = 4
+OVERRIDES = [
+    "model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.head_dim=32", "data.seq_len=16",
+    "trainer.strategy=deepspeed", "trainer.devices=2", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
+    # A large lr and no warmup push half of PoPE's phase biases (initialised at their bound, 0) out of range at
+    # the first step, so the clamp of the sharded fp32 master weights has work to do.
+    "optim.lr=0.05", "optim.min_lr=0.0", "optim.warmup_steps=0", "optim.grad_clip=1.0",
+]
+
+
+def batch(cfg: RunConfig, step: int, micro: int, rank: int) -> torch.Tensor:
+    """The same tokens for a given (step, micro-batch, rank) in every run, so a resumed run sees what the first saw."""
+    generator = torch.Generator().manual_seed(step * 1000 + micro * 10 + rank)
+    return torch.randint(0, cfg.model.vocab_size, (cfg.trainer.micro_batch_size, cfg.data.seq_len + 1),
+                         generator=generator)
+
+
+def engine_for(cfg: RunConfig) -> deepspeed.DeepSpeedEngine:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, as Lightning's seed_everything gives
+    module = LitGPT(cfg)
+    spec = module.configure_optimizers()
+    engine, *_ = deepspeed.initialize(model=module, optimizer=spec["optimizer"],
+                                      lr_scheduler=spec["lr_scheduler"]["scheduler"],
+                                      config=deepspeed_config(cfg, "32-true"))
+    return engine
+
+
+def train(engine: deepspeed.DeepSpeedEngine, cfg: RunConfig, steps: range, save_dir: Path | None) -> list[float]:
+    rank, losses = torch.distributed.get_rank(), []
+    for step in steps:
+        total = 0.0
+        for micro in range(accumulation_steps(cfg)):
+            tokens = batch(cfg, step, micro, rank)
+            logits = engine(tokens[:, :-1])
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+            engine.backward(loss)
+            engine.step()
+            total += loss.item()
+        assert engine.was_step_applied()
+        clamp_sharded_phase_biases_(engine.module.model)
+        losses.append(total / accumulation_steps(cfg))
+        if save_dir is not None and (step + 1) % 2 == 0:
+            engine.save_checkpoint(save_dir / checkpoint_name(step + 1), tag="checkpoint",
+                                   client_state={CONFIG_KEY: config_to_container(cfg)})
+    return losses
+
+
+def run_stage(stage: int, out: Path) -> None:
+    cfg = load_config(Path(__file__).parent.parent / "recipes" / "tiny.yaml",
+                      [*OVERRIDES, f"trainer.zero_stage={stage}"])
+    engine = engine_for(cfg)
+    losses = train(engine, cfg, range(STEPS), out)
+    weights = {name: safe_get_full_fp32_param(p).clone() for name, p in engine.module.named_parameters()}
+
+    resumed = engine_for(cfg)
+    resumed.load_checkpoint(str(out / checkpoint_name(2)))
+    resumed_losses = train(resumed, cfg, range(2, STEPS), None)
+    if torch.distributed.get_rank() == 0:
+        torch.save({"losses": losses, "resumed_losses": resumed_losses, "weights": weights}, out / "result.pt")
+
+
+if __name__ == "__main__":
+    deepspeed.init_distributed(dist_backend="gloo")
+    for zero_stage in (2, 3):
+        run_stage(zero_stage, Path(sys.argv[1]) / f"zero{zero_stage}")
