@@ -141,3 +141,16 @@ def test_missing_dataset_fails_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert out.splitlines()[-1].startswith("error:") and "nowhere" in out.splitlines()[-1]
     assert "Traceback" not in out
+
+
+def test_init_from_starts_a_fresh_run_from_pretrained_weights(tmp_path, word_corpus):
+    common = [*MICRO, f"data.dataset={word_corpus}", "trainer.log_every_n_steps=1", "optim.warmup_steps=2"]
+    finish(pope_lm("recipes/tiny.yaml", *common, "trainer.max_steps=30", "tracking.enabled=false",
+                   run_dir=tmp_path / "pretrain"))
+    pretrained = list_checkpoints(tmp_path / "pretrain" / "checkpoints")[-1]
+    finish(pope_lm("recipes/tiny.yaml", *common, "trainer.max_steps=2", f"init_from={pretrained}",
+                   run_dir=tmp_path / "finetune"))
+    client, runs = mlflow_run(tmp_path / "finetune")
+    losses = history(client, runs[0].info.run_id, "train/loss")
+    assert min(losses) == 0 and losses[0] < 8.0, losses  # a fresh model starts near ln(50304) = 10.8
+    assert list_checkpoints(tmp_path / "finetune" / "checkpoints")[-1].name == "step-00000002.ckpt"
