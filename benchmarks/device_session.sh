@@ -6,12 +6,8 @@
 # (a prepared copy of the Shakespeare dataset: the device machine has no network).
 #   run(command="bash benchmarks/device_session.sh 124m", carry=[".whl", ".gpu"])
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# shellcheck source=benchmarks/device_setup.sh
+source benchmarks/device_setup.sh
 
 echo "== pope-lm train recipes/tiny.yaml on the GPU (Triton backend, bf16-mixed, compiled)"
 python3 -m pope_lm.cli train recipes/tiny.yaml data.dataset=.gpu/shakespeare trainer.max_steps=60 \

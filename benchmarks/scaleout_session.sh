@@ -10,12 +10,8 @@
 #   124m-b   124M: ZeRO-1, ZeRO-3 and a ZeRO-3 run resumed from its checkpoint halfway, on 2 GPUs
 #   774m     774M: DDP and ZeRO-3 on 2 GPUs at the recipe's micro-batch (peak memory per GPU)
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# shellcheck source=benchmarks/device_setup.sh
+source benchmarks/device_setup.sh
 
 # The prepared Shakespeare dataset (.gpu/shakespeare): the machine has no network. One validation batch at
 # the start keeps the runs short; the measured steps exclude it.

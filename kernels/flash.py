@@ -142,6 +142,19 @@ def _causal_bounds(start_m, n_k, q_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
+def _key_tile_scores(qc, qs, k_base, v_base, stride_kn, stride_vn, cols, col_ok, d, cos, sin,
+                     DOT_PRECISION: tl.constexpr):
+    """Load one key/value tile, turn the keys into their Cartesian halves at phases (cos, sin), and score the
+    query tile against them: S = qc kc^T + qs ks^T, the 2D-wide product as two D-wide ones."""
+    k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_ok[:, None], other=0.0)
+    kc, ks = _polar(k, cos, sin, v.dtype)
+    s = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
+    s = tl.dot(qs, tl.trans(ks), s, input_precision=DOT_PRECISION)
+    return s, kc, ks, v
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freqs, delta, q_pos, lo, hi, n_k,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -151,12 +164,9 @@ def _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freq
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_k
-        k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_ok[:, None], other=0.0)
-        kc, ks = _polar(k, cos, sin, v.dtype)
+        s, _, _, v = _key_tile_scores(qc, qs, k_base, v_base, stride_kn, stride_vn, cols, col_ok, d, cos, sin,
+                                      DOT_PRECISION)
         cos, sin = _rotate(cos, sin, step_cos, step_sin)
-        s = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
-        s = tl.dot(qs, tl.trans(ks), s, input_precision=DOT_PRECISION)
         if MASKED:
             keep = col_ok[None, :]
             if CAUSAL:
@@ -229,12 +239,9 @@ def _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_v
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_k
-        k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_ok[:, None], other=0.0)
-        kc, ks = _polar(k, cos, sin, v.dtype)
+        s, kc, ks, v = _key_tile_scores(qc, qs, k_base, v_base, stride_kn, stride_vn, cols, col_ok, d, cos, sin,
+                                        DOT_PRECISION)
         cos, sin = _rotate(cos, sin, step_cos, step_sin)
-        s = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
-        s = tl.dot(qs, tl.trans(ks), s, input_precision=DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             keep = col_ok[None, :]
