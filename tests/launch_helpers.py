@@ -15,9 +15,22 @@ FAST = ("model.n_layer=1", "model.d_model=32", "model.n_head=1", "model.head_dim
         "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "data.val_batches=1")
 
 
-def launcher_env(**settings: str) -> dict[str, str]:
-    """The environment for a launcher script: this interpreter (which has pope-lm) as PYTHON, plus `settings`."""
-    return {**os.environ, "PYTHON": sys.executable, **settings}
+# What a launcher sets for its processes; in the test process they are leftovers (Lightning, run in-process by
+# other tests, exports MASTER_PORT), which would override what the scripts derive.
+_LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE",
+                       "LOCAL_WORLD_SIZE", "NODE_RANK"}
+
+
+def _leftover(key: str) -> bool:
+    return (key in _LAUNCHER_VARIABLES or key.startswith("TORCHELASTIC_")
+            or (key.startswith("SLURM_") and key != "SLURM_CONF"))
+
+
+def launcher_env(base: dict[str, str] | None = None, **settings: str) -> dict[str, str]:
+    """The environment for a launcher: `base` (default: ours) without launcher leftovers, this interpreter (which
+    has pope-lm) as PYTHON, plus `settings`."""
+    env = {key: value for key, value in (base or os.environ).items() if not _leftover(key)}
+    return {**env, "PYTHON": sys.executable, **settings}
 
 
 def run_launcher(script: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,

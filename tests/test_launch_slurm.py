@@ -67,7 +67,7 @@ def test_user_errors_are_one_line(args: tuple[str, ...], settings: dict[str, str
 
 def _job_env(cluster: SlurmCluster, **slurm: str) -> dict[str, str]:
     """What srun-less code sees inside a batch job, faked for a dry run (scontrol only reads slurm.conf here)."""
-    return launcher_env(DRY_RUN="1", SLURM_CONF=cluster.env["SLURM_CONF"], SLURM_JOB_ID="1234", **slurm)
+    return launcher_env(cluster.env, DRY_RUN="1", SLURM_JOB_ID="1234", **slurm)
 
 
 def test_in_the_job_it_derives_ranks_and_rendezvous_from_slurm(cluster: SlurmCluster) -> None:
@@ -112,7 +112,7 @@ def _wait(condition: object, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_sbatch_runs_two_ddp_tasks_to_completion(cluster: SlurmCluster, tmp_path: Path) -> None:
-    env = {**cluster.env, **launcher_env(GPUS_PER_NODE="0", TASKS_PER_NODE="2", LOG_DIR="logs")}
+    env = launcher_env(cluster.env, GPUS_PER_NODE="0", TASKS_PER_NODE="2", LOG_DIR="logs")
     result = run_launcher("slurm.sh", str(TINY), *FAST, "name=done", "trainer.max_steps=6",
                           "checkpoint.every_n_steps=3", "trainer.val_every_n_steps=3", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -143,14 +143,14 @@ def test_batch_shell_passes_usr1_to_the_tasks_and_requeues_on_exit_75(cluster: S
     stand_in.write_text(STAND_IN_RANK)
     stand_in.chmod(0o755)
     result = cluster.run(["sbatch", "--ntasks-per-node=2", f"--output={log}", str(REPO / "launch" / "slurm.sh"),
-                          str(TINY), "name=stand-in"], env={**cluster.env, **launcher_env(PYTHON=str(stand_in))},
+                          str(TINY), "name=stand-in"], env=launcher_env(cluster.env, PYTHON=str(stand_in)),
                          cwd=tmp_path)
     job_id = _submitted(result.stdout)
     _wait(lambda: log.is_file() and log.read_text().count(" ready") == 2, JOB_TIMEOUT, "both ranks to start")
     cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
     job = cluster.wait_for_state(job_id, FINAL_STATES, JOB_TIMEOUT)
     text = log.read_text()
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), text
     assert "rank 0 got SIGUSR1" in text and "rank 1 got SIGUSR1" in text and "requeueing job" in text
     assert text.count("restarted with: -m pope_lm.cli train") == 2 and "name=stand-in resume=auto\n" in text
 
@@ -164,11 +164,12 @@ def test_usr1_checkpoints_requeues_and_the_job_finishes_from_its_checkpoint(clus
     job, whose next run resumes from exactly that checkpoint (resume=auto), in the same MLflow run, to the end.
     """
     run_dir, log = tmp_path / "runs" / "preempted", tmp_path / "job.out"
+    steps = 60  # enough that training cannot reach the end before the signal, even on a loaded machine
     result = cluster.run(
         ["sbatch", "--ntasks-per-node=2", f"--output={log}", str(REPO / "launch" / "slurm.sh"), str(TINY), *FAST,
-         "name=preempted", "trainer.max_steps=30", "checkpoint.every_n_steps=2", "trainer.log_every_n_steps=2",
+         "name=preempted", f"trainer.max_steps={steps}", "checkpoint.every_n_steps=2", "trainer.log_every_n_steps=2",
          "trainer.val_every_n_steps=100"],
-        env={**cluster.env, **launcher_env()}, cwd=tmp_path)
+        env=launcher_env(cluster.env), cwd=tmp_path)
     job_id = _submitted(result.stdout)
     # Signal once training runs (a checkpoint exists): before that, no handler is installed yet.
     _wait(lambda: checkpoint_steps(run_dir), JOB_TIMEOUT, "the first checkpoint")
@@ -176,13 +177,13 @@ def test_usr1_checkpoints_requeues_and_the_job_finishes_from_its_checkpoint(clus
     job = cluster.wait_for_state(job_id, FINAL_STATES, JOB_TIMEOUT)
 
     text = log.read_text()
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
     stops = {int(step) for step in re.findall(r"stopped on SIGUSR1 after step (\d+)", text)}  # printed by each rank
     assert len(stops) == 1
     stop = stops.pop()
-    assert 2 <= stop < 30 and stop % 2 == 0  # after a logged step (log_every_n_steps=2)
+    assert 2 <= stop < steps and stop % 2 == 0  # after a logged step (log_every_n_steps=2)
     assert "requeueing job" in text
     assert f"Restored all states from the checkpoint at runs/preempted/checkpoints/step-{stop:08d}.ckpt" in text
-    assert "done: step 30" in text
+    assert f"done: step {steps}" in text
     assert not list(tmp_path.rglob("hpc_ckpt*"))  # Lightning's own requeue checkpoints stay off
     assert len(mlflow_run_ids(run_dir)) == 1

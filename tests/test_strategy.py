@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from launch_helpers import FAST, REPO, TINY, checkpoint_steps, mlflow_run_ids
+from launch_helpers import FAST, REPO, TINY, checkpoint_steps, launcher_env, mlflow_run_ids
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from safetensors import safe_open
@@ -228,8 +228,8 @@ def test_a_directory_that_is_no_checkpoint_is_a_one_line_error(tmp_path: Path) -
 
 def _torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                             str(REPO / "tests" / script), *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=400)
+                             str(REPO / "tests" / script), *args], env=launcher_env(), cwd=cwd,
+                            capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     return result
 
