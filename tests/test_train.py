@@ -78,7 +78,8 @@ def word_corpus(tmp_path_factory) -> Path:
     """A small prepared dataset of made-up sentences (no network needed)."""
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
-    words = ["the", "king", "queen", "sword", "crown", "speaks", "to", "of", "and", "in", "a", "my", "his", "her", "night", "day", "love", "war"]
+    words = ["the", "king", "queen", "sword", "crown", "speaks", "to", "of", "and", "in", "a", "my", "his", "her",
+             "night", "day", "love", "war"]
     files = []
     for i in range(12):
         path = root / f"doc{i}.txt"
