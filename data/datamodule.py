@@ -92,6 +92,11 @@ class TokenDataModule(L.LightningDataModule):
         return self._manifest
 
     @property
+    def answer_marker(self) -> int | None:
+        """For question/answer datasets, the token id whose successor is the only scored target."""
+        return None if self._manifest is None else self._manifest.answer_marker
+
+    @property
     def skipped_shards(self) -> int:
         """Corrupt shards skipped so far (data.skip_corrupt=true), for logging as a metric."""
         return 0 if self._skipped is None else int(self._skipped.value)
@@ -168,6 +173,10 @@ class TokenDataModule(L.LightningDataModule):
     def _load_manifest(self) -> Manifest:
         manifest = read_manifest(self.location)
         self._check_tokenizer(manifest.tokenizer)
+        if manifest.sample_len is not None and manifest.sample_len != self.cfg.seq_len:
+            # Windows start every seq_len tokens; only seq_len = sample_len puts each sample in its own window.
+            raise DataError(f"{self.location} holds samples of {manifest.sample_len} tokens; "
+                            f"set data.seq_len={manifest.sample_len} (it is {self.cfg.seq_len})")
         return manifest
 
     def _check_tokenizer(self, name: str) -> None:

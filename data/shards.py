@@ -8,7 +8,10 @@ A prepared dataset is one directory (or URL prefix) holding
   tokens; only the split's last shard is shorter, and its last block is padded with the end-of-document
   id past the shard's `tokens` count.
 - `manifest.json`: tokenizer id, vocabulary size, dtype, block length, and per split the shard names with
-  their token, block and byte counts and sha256. It is written last, atomically (temporary file, then
+  their token, block and byte counts and sha256. Task datasets (indirect indexing) also record
+  `sample_len` (every sample is padded to exactly that many tokens, so a training window of data.seq_len =
+  sample_len tokens starts at a sample boundary) and `answer_marker` (only the token right after this id
+  is scored: loss and accuracy on the answer alone). It is written last, atomically (temporary file, then
   `os.replace`), so a dataset whose preparation did not finish has no manifest and is refused.
 
 Fixed-length blocks make "token t of a shard" a pure arithmetic address (block t // block_len), which is
@@ -66,6 +69,8 @@ class Manifest:
     fingerprint: str  # of the prepare inputs and settings: a re-run with the same ones is a no-op
     source: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    sample_len: int | None = None  # None: one packed token stream; else fixed-length padded samples
+    answer_marker: int | None = None  # None: every next token is a target; else only the one after this id
 
     @property
     def data_id(self) -> str:
@@ -180,6 +185,9 @@ def write_token_dataset(
     eos_id: int,
     block_len: int = 4096,
     shard_tokens: int = 1 << 23,
+    sample_len: int | None = None,
+    answer_marker: int | None = None,
+    source: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write already-tokenized split streams as a dataset: the format without the tokenize phase, for
     token data produced elsewhere, synthetic benchmarks and tests."""
@@ -197,7 +205,8 @@ def write_token_dataset(
         ]
         splits[split] = SplitInfo(shards, int(np.count_nonzero(data == eos_id)))
     digest = hashlib.sha256(json.dumps({k: [s.sha256 for s in v.shards] for k, v in splits.items()}).encode())
-    manifest = Manifest(tokenizer, vocab_size, eos_id, dtype.name, block_len, splits, digest.hexdigest()[:32])
+    manifest = Manifest(tokenizer, vocab_size, eos_id, dtype.name, block_len, splits, digest.hexdigest()[:32],
+                        source=source or {}, sample_len=sample_len, answer_marker=answer_marker)
     write_manifest(out, manifest)
     return manifest
 
