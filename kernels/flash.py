@@ -104,10 +104,15 @@ def _rotate(cos, sin, step_cos, step_sin):
 
 
 @triton.jit
-def _polar(x, cos, sin, DTYPE: tl.constexpr):
-    """The Cartesian halves mu cos, mu sin of raw rows x (mu = softplus(x)), in DTYPE for the tensor cores."""
-    mu = _softplus(x.to(tl.float32))
+def _cartesian(mu, cos, sin, DTYPE: tl.constexpr):
+    """The Cartesian halves mu cos, mu sin of magnitudes mu (fp32), in DTYPE for the tensor cores."""
     return (mu * cos).to(DTYPE), (mu * sin).to(DTYPE)
+
+
+@triton.jit
+def _polar(x, cos, sin, DTYPE: tl.constexpr):
+    """The Cartesian halves of raw rows x (mu = softplus(x)): the stationary side, once per program."""
+    return _cartesian(_softplus(x.to(tl.float32)), cos, sin, DTYPE)
 
 
 @triton.jit
@@ -137,25 +142,77 @@ def _causal_bounds(start_m, n_k, q_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.con
     return full, hi
 
 
+@triton.jit
+def _load_rows(base, rows, row_ok, stride, d):
+    return tl.load(base + rows[:, None] * stride + d[None, :], mask=row_ok[:, None], other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elementwise passes over rows: the streamed side's magnitudes (and D = rowsum(dO O)); dq's last step
+
+
+@triton.jit
+def _prepass_kernel(X, Mu, Out, DO, Dvec,
+                    stride_xb, stride_xh, stride_xn, stride_dob, stride_doh, stride_don,
+                    n_heads, n_rows,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, WITH_DVEC: tl.constexpr):
+    """Mu = softplus(X) in X's dtype, (B, H, N, D) contiguous; with WITH_DVEC also Dvec = rowsum(DO * Out).
+
+    The streamed side of every loop reads Mu instead of X: its softplus (two SFU ops per element) is then
+    paid once instead of once per stationary block.
+    """
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    d = tl.arange(0, HEAD_DIM)
+    o_rows = bh.to(tl.int64) * n_rows + rows
+    x = _load_rows(X + b.to(tl.int64) * stride_xb + h * stride_xh, rows, row_ok, stride_xn, d)
+    tl.store(Mu + o_rows[:, None] * HEAD_DIM + d[None, :], _softplus(x.to(tl.float32)).to(x.dtype),
+             mask=row_ok[:, None])
+    if WITH_DVEC:
+        out = _load_rows(Out + bh.to(tl.int64) * n_rows * HEAD_DIM, rows, row_ok, HEAD_DIM, d)
+        do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, row_ok, stride_don, d)
+        tl.store(Dvec + o_rows, tl.sum(out.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+
+
+@triton.jit
+def _dq_finish_kernel(Q, DQacc, DQ, stride_qb, stride_qh, stride_qn, n_heads, n_rows,
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """dq = sigmoid(q) ln2 U from the fp32 sum U of cos(t theta) (dS kc) + sin(t theta) (dS ks) over key
+    blocks (kc, ks carry sm_scale log2(e); ln2 leaves sm_scale)."""
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    d = tl.arange(0, HEAD_DIM)
+    o_rows = bh.to(tl.int64) * n_rows + rows
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
+    acc = _load_rows(DQacc + bh.to(tl.int64) * n_rows * HEAD_DIM, rows, row_ok, HEAD_DIM, d)
+    dq = tl.sigmoid(q.to(tl.float32)) * acc * _LN2
+    tl.store(DQ + o_rows[:, None] * HEAD_DIM + d[None, :], dq.to(q.dtype), mask=row_ok[:, None])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Forward
 
 
 @triton.jit
-def _key_tile_scores(qc, qs, k_base, v_base, stride_kn, stride_vn, cols, col_ok, d, cos, sin,
-                     DOT_PRECISION: tl.constexpr):
-    """Load one key/value tile, turn the keys into their Cartesian halves at phases (cos, sin), and score the
-    query tile against them: S = qc kc^T + qs ks^T, the 2D-wide product as two D-wide ones."""
-    k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_ok[:, None], other=0.0)
-    kc, ks = _polar(k, cos, sin, v.dtype)
+def _key_tile_scores(qc, qs, mu_base, v_base, stride_vn, cols, col_ok, d, cos, sin,
+                     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Load one key/value tile (the keys as their magnitudes mu_k, contiguous rows), turn the keys into their
+    Cartesian halves at phases (cos, sin), and score the query tile against them: S = qc kc^T + qs ks^T, the
+    2D-wide product as two D-wide ones."""
+    mu = _load_rows(mu_base, cols, col_ok, HEAD_DIM, d)
+    v = _load_rows(v_base, cols, col_ok, stride_vn, d)
+    kc, ks = _cartesian(mu.to(tl.float32), cos, sin, v.dtype)
     s = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
     s = tl.dot(qs, tl.trans(ks), s, input_precision=DOT_PRECISION)
     return s, kc, ks, v
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freqs, delta, q_pos, lo, hi, n_k,
+def _fwd_inner(acc, m_i, l_i, qc, qs, mu_base, v_base, stride_vn, freqs, delta, q_pos, lo, hi, n_k,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     d = tl.arange(0, HEAD_DIM)
@@ -164,8 +221,8 @@ def _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freq
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_k
-        s, _, _, v = _key_tile_scores(qc, qs, k_base, v_base, stride_kn, stride_vn, cols, col_ok, d, cos, sin,
-                                      DOT_PRECISION)
+        s, _, _, v = _key_tile_scores(qc, qs, mu_base, v_base, stride_vn, cols, col_ok, d, cos, sin,
+                                      HEAD_DIM, DOT_PRECISION)
         cos, sin = _rotate(cos, sin, step_cos, step_sin)
         if MASKED:
             keep = col_ok[None, :]
@@ -182,9 +239,8 @@ def _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freq
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Freqs, Delta, Out, Lse,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn,
+def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
+                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
                 n_heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
@@ -199,23 +255,22 @@ def _fwd_kernel(Q, K, V, Freqs, Delta, Out, Lse,
     freqs = tl.load(Freqs + d)
     delta = tl.load(Delta + h * HEAD_DIM + d)
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
     dtype = q.dtype
     q_pos = q_offset + rows
     cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))
     # sm_scale * log2(e) folded into the queries: scores come out in log2 units, ready for exp2
     qc, qs = _polar(q, cos * qk_scale, sin * qk_scale, dtype)
 
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    mu_base = MuK + bh.to(tl.int64) * n_k * HEAD_DIM
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     full, hi = _causal_bounds(start_m, n_k, q_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freqs, delta,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, qc, qs, mu_base, v_base, stride_vn, freqs, delta,
                                q_pos, 0, full, n_k, CAUSAL, False, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, qc, qs, k_base, v_base, stride_kn, stride_vn, freqs, delta,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, qc, qs, mu_base, v_base, stride_vn, freqs, delta,
                                q_pos, full, hi, n_k, CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION)
 
     out = acc / l_i[:, None]
@@ -225,11 +280,11 @@ def _fwd_kernel(Q, K, V, Freqs, Delta, Out, Lse,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backward: dq pass (queries stationary)
+# Backward, split variant: dq pass (queries stationary). Used for the head dims in SPLIT_DQ_HEAD_DIMS.
 
 
 @triton.jit
-def _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_vn, freqs, delta, q_pos,
+def _dq_inner(gc, gs, qc, qs, do, lse, dvec, mu_base, v_base, stride_vn, freqs, delta, q_pos,
               lo, hi, n_k,
               CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
@@ -239,8 +294,8 @@ def _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_v
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_k
-        s, kc, ks, v = _key_tile_scores(qc, qs, k_base, v_base, stride_kn, stride_vn, cols, col_ok, d, cos, sin,
-                                        DOT_PRECISION)
+        s, kc, ks, v = _key_tile_scores(qc, qs, mu_base, v_base, stride_vn, cols, col_ok, d, cos, sin,
+                                        HEAD_DIM, DOT_PRECISION)
         cos, sin = _rotate(cos, sin, step_cos, step_sin)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -256,9 +311,9 @@ def _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_v
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
-               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-               stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
+               stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
+               stride_dob, stride_doh, stride_don,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -273,29 +328,25 @@ def _dq_kernel(Q, K, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
     delta = tl.load(Delta + h * HEAD_DIM + d)
     o_rows = bh.to(tl.int64) * n_q + rows
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
     dtype = q.dtype
     q_pos = q_offset + rows
     zero_bias = tl.zeros([HEAD_DIM], tl.float32)
     cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, zero_bias)
     qc, qs = _polar(q, cos * qk_scale, sin * qk_scale, dtype)  # scores in log2 units, as in the forward
 
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_don + d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    out = tl.load(Out + o_rows[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0)
-    dvec = tl.sum(out.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Dvec + o_rows, dvec, mask=row_ok)
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, row_ok, stride_don, d)
+    dvec = tl.load(Dvec + o_rows, mask=row_ok, other=0.0)
     lse = tl.load(Lse + o_rows, mask=row_ok, other=float("inf"))  # padded rows: P = 0
 
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    mu_base = MuK + bh.to(tl.int64) * n_k * HEAD_DIM
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
     gc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     gs = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _causal_bounds(start_m, n_k, q_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    gc, gs = _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_vn, freqs, delta,
+    gc, gs = _dq_inner(gc, gs, qc, qs, do, lse, dvec, mu_base, v_base, stride_vn, freqs, delta,
                        q_pos, 0, full, n_k, CAUSAL, False, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    gc, gs = _dq_inner(gc, gs, qc, qs, do, lse, dvec, k_base, v_base, stride_kn, stride_vn, freqs, delta,
+    gc, gs = _dq_inner(gc, gs, qc, qs, do, lse, dvec, mu_base, v_base, stride_vn, freqs, delta,
                        q_pos, full, hi, n_k, CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION)
 
     # the phases again rather than kept live through the loop (registers are the scarce resource here)
@@ -305,13 +356,13 @@ def _dq_kernel(Q, K, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backward: dk, dv and d delta pass (keys stationary)
+# Backward: dk, dv and d delta pass (keys stationary); with FUSED_DQ also dq, by atomics
 
 
 @triton.jit
-def _dkdv_inner(dv, gc, gs, kc, ks, v, q_base, do_base, stride_qn, stride_don, lse_base, dvec_base, freqs,
+def _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, lse_base, dvec_base, dq_base, freqs,
                 cols, lo, hi, n_q, q_offset,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     d = tl.arange(0, HEAD_DIM)
     cos, sin = _phases(q_offset + lo, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))  # t theta
@@ -319,13 +370,12 @@ def _dkdv_inner(dv, gc, gs, kc, ks, v, q_base, do_base, stride_qn, stride_don, l
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < n_q
-        q = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_don + d[None, :], mask=row_ok[:, None], other=0.0)
-        # padded query rows get lse = +inf, hence P = 0: they add nothing to dv, gc, gs
+        mu = _load_rows(muq_base, rows, row_ok, HEAD_DIM, d)
+        do = _load_rows(do_base, rows, row_ok, stride_don, d)
+        # padded query rows get lse = +inf, hence P = 0: they add nothing to dv, gc, gs (nor to dq)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
         dvec = tl.load(dvec_base + rows, mask=row_ok, other=0.0)
-        qc, qs = _polar(q, cos, sin, v.dtype)
-        cos, sin = _rotate(cos, sin, step_cos, step_sin)
+        qc, qs = _cartesian(mu.to(tl.float32), cos, sin, v.dtype)
         st = tl.dot(kc, tl.trans(qc), input_precision=DOT_PRECISION)
         st = tl.dot(ks, tl.trans(qs), st, input_precision=DOT_PRECISION)
         pt = tl.exp2(st - lse[None, :])
@@ -336,16 +386,25 @@ def _dkdv_inner(dv, gc, gs, kc, ks, v, q_base, do_base, stride_qn, stride_don, l
         dst = (pt * (dpt - dvec[None, :])).to(v.dtype)
         gc = tl.dot(dst, qc, gc, input_precision=DOT_PRECISION)
         gs = tl.dot(dst, qs, gs, input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            # this key block's share of dq, rotated back by the query phases and summed over key blocks
+            # in fp32 (sigmoid(q) is the same for every block: applied once, by _dq_finish_kernel)
+            ds = tl.trans(dst)
+            u = cos * tl.dot(ds, kc, input_precision=DOT_PRECISION)
+            u += sin * tl.dot(ds, ks, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_base + rows[:, None] * HEAD_DIM + d[None, :], u, mask=row_ok[:, None],
+                          sem="relaxed")
+        cos, sin = _rotate(cos, sin, step_cos, step_sin)
     return dv, gc, gs
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
-                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
+                 stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_dob, stride_doh, stride_don,
                  n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)  # causal: the first key blocks are seen by the most queries, launched first
     bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
@@ -356,13 +415,14 @@ def _dkdv_kernel(Q, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     freqs = tl.load(Freqs + d)
     delta = tl.load(Delta + h * HEAD_DIM + d)
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + cols[:, None] * stride_kn + d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + cols[:, None] * stride_vn + d[None, :],
-                mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K + b.to(tl.int64) * stride_kb + h * stride_kh, cols, col_ok, stride_kn, d)
+    v = _load_rows(V + b.to(tl.int64) * stride_vb + h * stride_vh, cols, col_ok, stride_vn, d)
     dtype = v.dtype
     cos, sin = _phases(start_n, BLOCK_N, freqs, delta)
-    kc, ks = _polar(k, cos * qk_scale, sin * qk_scale, dtype)  # transposed scores in log2 units
+    # transposed scores in log2 units; padded keys (k = 0, yet mu = ln 2) get kc = ks = 0 so that they add
+    # nothing to the fused dq (their own dk, dv rows are not stored)
+    key_ok = col_ok[:, None]
+    kc, ks = _polar(k, tl.where(key_ok, cos * qk_scale, 0.0), tl.where(key_ok, sin * qk_scale, 0.0), dtype)
 
     # Query tiles that see this key block: [lo, full) straddle the causal diagonal (masked),
     # [full, n_q) see all of it.
@@ -372,18 +432,18 @@ def _dkdv_kernel(Q, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     else:
         lo = 0
         full = 0
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    q_rows = bh.to(tl.int64) * n_q
+    muq_base = MuQ + q_rows * HEAD_DIM
+    dq_base = DQacc + q_rows * HEAD_DIM
     do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
-    lse_base = Lse + bh.to(tl.int64) * n_q
-    dvec_base = Dvec + bh.to(tl.int64) * n_q
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     gc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     gs = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv, gc, gs = _dkdv_inner(dv, gc, gs, kc, ks, v, q_base, do_base, stride_qn, stride_don, lse_base,
-                             dvec_base, freqs, cols, lo, full, n_q, q_offset, True, BLOCK_M, HEAD_DIM,
+    dv, gc, gs = _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, Lse + q_rows, Dvec + q_rows,
+                             dq_base, freqs, cols, lo, full, n_q, q_offset, True, FUSED_DQ, BLOCK_M, HEAD_DIM,
                              DOT_PRECISION)
-    dv, gc, gs = _dkdv_inner(dv, gc, gs, kc, ks, v, q_base, do_base, stride_qn, stride_don, lse_base,
-                             dvec_base, freqs, cols, full, n_q, n_q, q_offset, False, BLOCK_M, HEAD_DIM,
+    dv, gc, gs = _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, Lse + q_rows, Dvec + q_rows,
+                             dq_base, freqs, cols, full, n_q, n_q, q_offset, False, FUSED_DQ, BLOCK_M, HEAD_DIM,
                              DOT_PRECISION)
 
     cos, sin = _phases(start_n, BLOCK_N, freqs, delta)  # again, rather than kept live through the loop
@@ -399,39 +459,51 @@ def _dkdv_kernel(Q, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
 # Launchers: autotuned on GPU, one fixed small configuration under the interpreter
 
 
+# Head dims whose backward runs the separate dq pass (the v1 structure: dq pass + dk/dv pass, 11 units)
+# instead of adding dq by fp32 atomics inside the dk/dv pass (8 units). A/B switch for the GPU measurement
+# (benchmarks/attention.py --ab flips it); to be settled per head dim by that measurement and then removed.
+SPLIT_DQ_HEAD_DIMS: frozenset[int] = frozenset()
+
 # Autotuning candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim (32 uses 64's); M counts
-# queries, N keys, whichever side is streamed. Kept to those whose inner loop compiles for sm_90 without
-# (or with few) register spills and that won on the H100 (benchmarks/attention_notes.md).
+# queries, N keys, whichever side is streamed. v1's lists were kept to those whose inner loop compiles for
+# sm_90 without (or with few) register spills and that won on the H100 (benchmarks/attention_notes.md);
+# "dkdv_dq" (the fused pass: two more products and an fp32 tile of atomics per step) is new, unmeasured.
 _BLOCKS = {
     "fwd": {64: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)], 128: [(128, 32, 8, 2), (128, 64, 8, 2)]},
     "dq": {64: [(128, 64, 8, 2), (128, 32, 8, 2)], 128: [(128, 32, 8, 2), (64, 64, 8, 2)]},
     "dkdv": {64: [(64, 128, 8, 2), (32, 128, 8, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)]},
+    "dkdv_dq": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3)],
+                128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2)]},
 }
 
 
-def _zero_ddelta(nargs: dict) -> None:
-    # d delta is accumulated with atomics: every autotuning trial and the final run must start from zero
+def _zero_accumulators(nargs: dict) -> None:
+    # d delta and the fused dq are accumulated with atomics: every autotuning trial and the final run must
+    # start from zero
     nargs["DDelta"].zero_()
+    nargs["DQacc"].zero_()
 
 
 def _autotune(kernel, name: str, pre_hook=None):
-    blocks = _BLOCKS[name]
-
     def for_head_dim(configs, named_args, **kwargs):
+        blocks = _BLOCKS["dkdv_dq" if kwargs.get("FUSED_DQ") else name]
         wanted = blocks[max(64, kwargs["HEAD_DIM"])]
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
+    names = [name, "dkdv_dq"] if name == "dkdv" else [name]
+    candidates = dict.fromkeys(b for n in names for bs in _BLOCKS[n].values() for b in bs)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
-               for m, n, w, s in dict.fromkeys(b for bs in blocks.values() for b in bs)]
-    return triton.autotune(configs, key=["n_q", "n_k", "HEAD_DIM", "CAUSAL"],
-                           prune_configs_by={"early_config_prune": for_head_dim})(kernel)
+               for m, n, w, s in candidates]
+    key = ["n_q", "n_k", "HEAD_DIM", "CAUSAL"] + (["FUSED_DQ"] if name == "dkdv" else [])
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": for_head_dim})(kernel)
 
 
 _fwd_tuned = _autotune(_fwd_kernel, "fwd")
 _dq_tuned = _autotune(_dq_kernel, "dq")
-_dkdv_tuned = _autotune(_dkdv_kernel, "dkdv", _zero_ddelta)
+_dkdv_tuned = _autotune(_dkdv_kernel, "dkdv", _zero_accumulators)
 _INTERPRETER_BLOCKS = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
+_ROW_BLOCK = 16 if _INTERPRETED else 64  # rows per program of the elementwise passes
 
 
 def _launch(name: str, tuned, kernel, grid_rows: int, bh: int, *args, **constexprs) -> None:
@@ -443,6 +515,18 @@ def _launch(name: str, tuned, kernel, grid_rows: int, bh: int, *args, **constexp
     else:
         meta_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
         tuned[lambda meta: (triton.cdiv(grid_rows, meta[meta_block]), bh)](*args, **constexprs)
+
+
+def _magnitudes(x: torch.Tensor, out=None, dout=None, dvec=None) -> torch.Tensor:
+    """softplus(x) in x's dtype, (B, H, N, D) contiguous; with out, dout also fills dvec = rowsum(dout * out)."""
+    batch, heads, n, head_dim = x.shape
+    mu = torch.empty((batch, heads, n, head_dim), device=x.device, dtype=x.dtype)
+    with_dvec = dvec is not None
+    do_strides = _row_strides(dout) if with_dvec else (0, 0, 0)
+    _prepass_kernel[(triton.cdiv(n, _ROW_BLOCK), batch * heads)](
+        x, mu, out if with_dvec else x, dout if with_dvec else x, dvec if with_dvec else mu,
+        *_row_strides(x), *do_strides, heads, n, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK, WITH_DVEC=with_dvec)
+    return mu
 
 
 _freqs_cache: dict[tuple[int, float, torch.device], torch.Tensor] = {}
@@ -479,9 +563,10 @@ def _forward(q, k, v, delta, causal, sm_scale, theta, q_offset):
     n_k = k.shape[2]
     out = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
+    mu_k = _magnitudes(k)  # the streamed keys' softplus, once
     _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
-            q, k, v, _freqs(head_dim, theta, q.device), delta.contiguous(), out, lse,
-            *_row_strides(q), *_row_strides(k), *_row_strides(v),
+            q, mu_k, v, _freqs(head_dim, theta, q.device), delta.contiguous(), out, lse,
+            *_row_strides(q), *_row_strides(v),
             heads, n_q, n_k, q_offset, sm_scale * math.log2(math.e),
             CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
     return out, lse
@@ -491,22 +576,34 @@ def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
     dout, q, k, v = (_unit_last_stride(x) for x in (dout, q, k, v))
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
+    bh = batch * heads
     freqs = _freqs(head_dim, theta, q.device)
     delta = delta.contiguous()
     qk_scale = sm_scale * math.log2(math.e)
+    split = head_dim in SPLIT_DQ_HEAD_DIMS
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
-    dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
     dk = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=v.dtype)
-    dvec = torch.empty_like(lse)  # rowsum(dO * O), written by the dq pass, read by the dk/dv pass
+    dvec = torch.empty_like(lse)  # D = rowsum(dO * O)
     ddelta = torch.zeros((heads, head_dim), device=q.device, dtype=torch.float32)
-    strides = (*_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(dout))
-    _launch("dq", _dq_tuned, _dq_kernel, n_q, batch * heads,
-            q, k, v, freqs, delta, out, dout, lse, dvec, dq, *strides,
-            heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
-    _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, batch * heads,
-            q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *strides,
-            heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
+    mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
+    if split:
+        dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
+        _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
+                q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq,
+                *_row_strides(q), *_row_strides(v), *_row_strides(dout),
+                heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
+        dq_acc = ddelta.new_zeros(1)  # unused
+    else:
+        dq_acc = torch.zeros((batch, heads, n_q, head_dim), device=q.device, dtype=torch.float32)
+    _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,
+            mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
+            *_row_strides(k), *_row_strides(v), *_row_strides(dout),
+            heads, n_q, n_k, q_offset, sm_scale, qk_scale, FUSED_DQ=not split, **constexprs)
+    if not split:
+        dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
+        _dq_finish_kernel[(triton.cdiv(n_q, _ROW_BLOCK), bh)](
+            q, dq_acc, dq, *_row_strides(q), heads, n_q, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK)
     return dq, dk, dv, ddelta.to(delta.dtype)
 
 

@@ -63,6 +63,27 @@ def test_causal_with_query_offset_matches_reference(n_q, n_k, q_offset):
                              q_offset=q_offset)
 
 
+@pytest.fixture(params=["fused dq", "split dq"])
+def dq_path(request, monkeypatch):
+    """Both backward structures: dq by atomics inside the dk/dv pass (default), and the separate dq pass."""
+    if request.param == "split dq":
+        monkeypatch.setattr(flash, "SPLIT_DQ_HEAD_DIMS", frozenset(flash.HEAD_DIMS))
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n_q", "n_k", "q_offset", "causal"),
+                         [(37, 37, 0, True), (29, 45, 0, False), (7, 50, 43, True), (20, 41, 21, True),
+                          (9, 9, 40, True)])
+def test_both_dq_paths_match_reference(dq_path, dtype, n_q, n_k, q_offset, causal):
+    # odd lengths (partial query and key tiles on both sides of the atomics), q_offset, queries past all keys
+    _check_against_reference(*_inputs(2, 2, n_q, n_k, 32, dtype, seed=8), causal=causal, q_offset=q_offset)
+
+
+def test_both_dq_paths_head_dim_128(dq_path):
+    _check_against_reference(*_inputs(1, 2, 19, 19, 128, torch.float16, seed=9), causal=True)
+
+
 def test_head_dim_128_matches_reference():
     _check_against_reference(*_inputs(1, 1, 24, 24, 128, torch.float16, seed=3), causal=True)
 
