@@ -96,6 +96,9 @@ class TokenDataModule(L.LightningDataModule):
         """For question/answer datasets, the token id whose successor is the only scored target."""
         return None if self._manifest is None else self._manifest.answer_marker
 
+    def has_split(self, split: str) -> bool:
+        return bool(self.manifest.split(split).shards)
+
     @property
     def skipped_shards(self) -> int:
         """Corrupt shards skipped so far (data.skip_corrupt=true), for logging as a metric."""

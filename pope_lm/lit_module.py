@@ -1,4 +1,10 @@
-"""The Lightning module: next-token training of `GPT` with AdamW, warmup + cosine schedule and clipping."""
+"""The Lightning module: next-token training of `GPT` with AdamW, warmup + cosine schedule and clipping.
+
+What is scored depends on the dataset: every next token of a text corpus, or, for question/answer datasets
+whose manifest names an `answer_marker` (indirect indexing), only the token right after each marker, where
+accuracy is logged too. Validation runs every `trainer.val_every_n_steps`; the test split, where the dataset
+has one, is scored once after training (`test/loss` is the mean NLL per scored token, in nats).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from pope_lm.config import OptimConfig, RunConfig, config_to_container
 from pope_lm.model import GPT
 
 CONFIG_KEY = "pope_lm_config"
+IGNORE = -100  # cross_entropy's ignore_index: targets that are not scored
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -30,23 +38,69 @@ class LitGPT(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.model = GPT(cfg.model)
-        self.val_loss = MeanMetric()
+        self.answer_marker: int | None = None  # set from the data module in setup()
+        # One pair of running means serves validation and test, which never run at the same time.
+        self.eval_loss = MeanMetric()
+        self.eval_accuracy = MeanMetric()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def setup(self, stage: str) -> None:
+        self.answer_marker = getattr(self.trainer.datamodule, "answer_marker", None)
+
+    def score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean cross-entropy of the scored targets of a (B, T + 1) batch, and for answer datasets the accuracy."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if self.answer_marker is None:
+            return self.model(inputs, targets), None  # the model's own loss: compiled together with the head
+        targets = targets.masked_fill(inputs != self.answer_marker, IGNORE)
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        scored = targets != IGNORE
+        accuracy = (logits.argmax(-1) == targets)[scored].float().mean()
+        return loss, accuracy
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.model(batch[:, :-1], batch[:, 1:])
+        loss, accuracy = self.score(batch)
         self.log("train/loss", loss, prog_bar=True)
+        if accuracy is not None:
+            self.log("train/accuracy", accuracy)
+        skipped = getattr(self.trainer.datamodule, "skipped_shards", 0)
+        if skipped:
+            self.log("data/skipped_shards", float(skipped))
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.val_loss.update(self.model(batch[:, :-1], batch[:, 1:]))
+        self._update_eval(batch)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # averaged over every rank's batches
-        self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        self._log_eval("val")
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._update_eval(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _update_eval(self, batch: torch.Tensor) -> None:
+        loss, accuracy = self.score(batch)
+        self.eval_loss.update(loss)
+        if accuracy is not None:
+            self.eval_accuracy.update(accuracy)
+
+    def _eval_results(self, split: str) -> dict[str, torch.Tensor]:
+        """The running means (over every rank's batches) as `{split}/loss`, `/ppl` and `/accuracy`; resets them."""
+        loss = self.eval_loss.compute()
+        results = {f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss)}
+        if self.answer_marker is not None:
+            results[f"{split}/accuracy"] = self.eval_accuracy.compute()
+        self.eval_loss.reset()
+        self.eval_accuracy.reset()
+        return results
+
+    def _log_eval(self, split: str) -> None:
+        self.log_dict(self._eval_results(split), prog_bar=True, sync_dist=False)
 
     def on_train_start(self) -> None:
         # Score the initial model so every run's curve starts from a measured point at step 0.
@@ -55,11 +109,10 @@ class LitGPT(L.LightningModule):
             self.eval()
             with torch.no_grad():
                 for batch in self.trainer.datamodule.val_dataloader():
-                    self.validation_step(batch.to(self.device), 0)
-            loss = self.val_loss.compute()
-            self.val_loss.reset()
+                    self._update_eval(batch.to(self.device))
+            results = self._eval_results("val")
             if self.logger is not None:
-                self.logger.log_metrics({"val/loss": loss.item(), "val/ppl": math.exp(loss.item())}, step=0)
+                self.logger.log_metrics({k: v.item() for k, v in results.items()}, step=0)
             self.train(was_training)
 
     def configure_optimizers(self) -> dict[str, Any]:

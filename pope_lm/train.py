@@ -107,6 +107,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
         strategy=strategy,
         precision=precision,  # type: ignore[arg-type]
         max_steps=cfg.trainer.max_steps,
+        max_time=cfg.trainer.max_time or None,
         accumulate_grad_batches=accumulate,
         # The stream has no epochs, so validation runs every N micro-batches (= N / accumulate optimizer steps).
         val_check_interval=cfg.trainer.val_every_n_steps * accumulate,
@@ -128,11 +129,13 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
     if resume_path is not None and trainer.is_global_zero:
         log.info("resuming from %s", resume_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
+    if stopper.stopped and trainer.global_step < cfg.trainer.max_steps:
+        raise Preempted(f"stopped on SIGUSR1 after step {trainer.global_step}, saved in {checkpoint_dir}")
+    if cfg.trainer.test_at_end and datamodule.has_split("test"):
+        trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["step"] = trainer.global_step
-    if stopper.stopped and trainer.global_step < cfg.trainer.max_steps:
-        raise Preempted(f"stopped on SIGUSR1 after step {trainer.global_step}, saved in {checkpoint_dir}")
     if logger is not None and trainer.is_global_zero:
         log_run_end(logger, cfg, metrics)
     return metrics

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 from pope_lm.checkpointing import list_checkpoints
 from pope_lm.data.corpora import prepare_text
 from pope_lm.data.prepare import Settings
+from pope_lm.data.shards import write_token_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -155,3 +157,19 @@ def test_init_from_starts_a_fresh_run_from_pretrained_weights(tmp_path, word_cor
     losses = history(client, runs[0].info.run_id, "train/loss")
     assert min(losses) == 0 and losses[0] < 8.0, losses  # a fresh model starts near ln(50304) = 10.8
     assert list_checkpoints(tmp_path / "finetune" / "checkpoints")[-1].name == "step-00000002.ckpt"
+
+
+def test_skipped_corrupt_shards_are_counted_in_the_logged_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    dataset = tmp_path / "dataset"
+    streams = {"train": rng.integers(0, 64, 8 * 512), "val": rng.integers(0, 64, 512)}
+    write_token_dataset(dataset, streams, tokenizer="random", vocab_size=64, eos_id=0, block_len=64, shard_tokens=512)
+    shard = dataset / "train-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated mid-block
+    run_dir = tmp_path / "run"
+    # 8 shards of 15 windows, 4 windows per step: one epoch visits every shard within 32 steps.
+    finish(pope_lm("recipes/tiny.yaml", *MICRO, f"data.dataset={dataset}", "data.skip_corrupt=true",
+                   "model.vocab_size=64", "trainer.max_steps=40", "trainer.log_every_n_steps=1",
+                   "trainer.val_every_n_steps=40", run_dir=run_dir))
+    client, (run,) = mlflow_run(run_dir)
+    assert max(history(client, run.info.run_id, "data/skipped_shards").values()) == 1
