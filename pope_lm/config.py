@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ class TrainerConfig:
     deepspeed_config: str = ""  # deepspeed: JSON file merged over the DeepSpeed config generated from the recipe
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision string
     val_every_n_steps: int = 1000
+    test_at_end: bool = True  # score the dataset's test split, where it has one, once training ends
+    max_time: str = ""  # "DD:HH:MM:SS": end training (checkpoint, test) after this wall time; "" = no limit
     log_every_n_steps: int = 10
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # device peak for MFU; 0 picks it from the device name when known
@@ -198,6 +201,8 @@ def validate(cfg: RunConfig) -> None:
     if t.strategy != "deepspeed" and (t.offload_optimizer or t.offload_params or t.deepspeed_config):
         raise ConfigError("'trainer.offload_optimizer', 'trainer.offload_params' and 'trainer.deepspeed_config' "
                           f"need trainer.strategy=deepspeed; got '{t.strategy}'")
+    if t.max_time and not re.fullmatch(r"\d+:\d{2}:\d{2}:\d{2}", t.max_time):
+        raise ConfigError(f"'trainer.max_time' must read DD:HH:MM:SS; got '{t.max_time}'")
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"'trainer.offload_params' needs trainer.zero_stage=3 (the stage that partitions "
                           f"parameters); got {t.zero_stage}")

@@ -41,6 +41,7 @@ def test_flatten_gives_dotted_keys():
         (["model.n_head=3"], "'model.n_head' x 'model.head_dim' must equal 'model.d_model'"),
         (["trainer.max_steps"], "not of the form key=value"),
         (["optim.min_lr=1.0"], "'optim.min_lr' must be in [0, optim.lr]"),
+        (["trainer.max_time=8min"], "'trainer.max_time' must read DD:HH:MM:SS; got '8min'"),
     ],
 )
 def test_bad_overrides_raise_one_line_naming_the_key(overrides, fragment):
