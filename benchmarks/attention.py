@@ -6,6 +6,8 @@ For each (B, H, N, D) of issue 3 (bf16, causal):
 2. times forward and forward+backward (CUDA events, median) and the peak extra memory of one
    forward+backward for
      ours       pope_attention (Triton, rotation in registers)
+     ours fused-dq   the same with dq added by atomics inside the dk/dv pass (flash.FUSED_DQ_HEAD_DIMS: the
+                A/B switch, to be dropped with it; --no-ab leaves it out)
      a          RoPE (compiled elementwise) + SDPA, cuDNN backend
      b          PoPE materialized: q', k' 2D wide (compiled elementwise) + SDPA, cuDNN backend
      c          pope-pytorch 0.2.1 fused Triton kernel (PoPE_pytorch.triton_pope_flash_attn.flash_attn)
@@ -13,6 +15,7 @@ For each (B, H, N, D) of issue 3 (bf16, causal):
    all in this one process. Prints the markdown table last and writes it, a log and a JSON under --out.
 
 Run on the device machine from the repository root: python3 benchmarks/attention.py --out "$OUT"
+(benchmarks/attention_session.sh does it in one device call, wheels installed first).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import json
 import math
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(8, 12, 1024, 64), (2, 12, 4096, 64), (1, 12, 10240, 64), (1, 16, 16384, 64), (4, 16, 2048, 128)]
 THETA = 10000.0
 LOG: list[str] = []
+START = time.monotonic()
 
 
 def log(*parts) -> None:
     line = " ".join(str(p) for p in parts)
+    if line and not line.startswith(("|", " ")):
+        line = f"[{time.monotonic() - START:5.0f}s] {line}"
     LOG.append(line)
     print(line, flush=True)
 
@@ -103,13 +110,31 @@ class Case:
     # (out, d q, d k, d v, d delta) in (B, H, N, D) layout, for the float64 comparison; None for RoPE
     pope_outputs: Callable[[], tuple[torch.Tensor, ...]] | None = None
     sdpa_backend: SDPBackend | None = None  # entered once around the calls, not inside each
+    fused_dq: bool = False  # ours with dq by atomics in the dk/dv pass (A/B)
     results: dict = field(default_factory=dict)
 
     def backend(self):
-        return sdpa_kernel(self.sdpa_backend) if self.sdpa_backend is not None else nullcontext()
+        stack = ExitStack()
+        if self.sdpa_backend is not None:
+            stack.enter_context(sdpa_kernel(self.sdpa_backend))
+        if self.fused_dq:
+            stack.enter_context(fused_dq_pass())
+        return stack
 
 
-def make_cases(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int) -> tuple[list[Case], dict]:
+@contextmanager
+def fused_dq_pass():
+    """The A/B switch: every head dim's backward adds dq inside the dk/dv pass while inside."""
+    saved = flash.FUSED_DQ_HEAD_DIMS
+    flash.FUSED_DQ_HEAD_DIMS = frozenset(flash.HEAD_DIMS)
+    try:
+        yield
+    finally:
+        flash.FUSED_DQ_HEAD_DIMS = saved
+
+
+def make_cases(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int,
+               ab: bool = True, peer_c: bool = True) -> tuple[list[Case], dict]:
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(seed)
     q, k, v, dout = (torch.randn(b, h, n, d, device=dev, generator=g).to(dtype) for _ in range(4))
@@ -141,6 +166,7 @@ def make_cases(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int) ->
     pope_inputs = [leaves[x] for x in ("q", "k", "v", "delta")]
     cases = [
         Case("ours", ours, pope_inputs, dout),
+        *([Case("ours fused-dq (A/B)", ours, pope_inputs, dout, fused_dq=True)] if ab else []),
         Case("a rope+cuDNN", rope_sdpa, pope_inputs[:3], dout, sdpa_backend=SDPBackend.CUDNN_ATTENTION),
         Case("b pope materialized+cuDNN", pope_sdpa, pope_inputs, dout, sdpa_backend=SDPBackend.CUDNN_ATTENTION),
         Case("d rope+FLASH", rope_sdpa, pope_inputs[:3], dout, sdpa_backend=SDPBackend.FLASH_ATTENTION),
@@ -151,6 +177,8 @@ def make_cases(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int) ->
 
     # pope-pytorch takes (B, N, H, D) and positions' phases (N, D); its bias is our delta
     try:
+        if not peer_c:
+            raise RuntimeError("left out at this shape (--peer-c-shapes)")
         flash_attn = pope_pytorch_flash_attn()
         bnhd = {name: leaves[name].detach().transpose(1, 2).contiguous().requires_grad_() for name in "qkv"}
         bias = leaves["delta"].detach().clone().requires_grad_()
@@ -166,7 +194,7 @@ def make_cases(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int) ->
             return (*(x.transpose(1, 2) for x in (out, dq, dk, dv)), dbias)
 
         c.pope_outputs = c_outputs
-        cases.insert(3, c)
+        cases.insert(len(cases) - 1, c)
     except Exception as e:  # report and go on without it
         log("pope-pytorch unavailable:", repr(e))
     data = dict(q=q, k=k, v=v, delta=delta, dout=dout)
@@ -258,7 +286,8 @@ def kernel_profile(case: Case) -> None:
 
 def kernel_resources() -> None:
     """Registers, spills and shared memory of every compiled variant of our kernels (compiler report)."""
-    for fn in (flash._fwd_kernel, flash._dq_kernel, flash._dkdv_kernel):
+    for fn in (flash._fwd_kernel, flash._dq_kernel, flash._dkdv_kernel, flash._prepass_kernel,
+               flash._dq_finish_kernel):
         try:
             for entry in fn.device_caches.values():
                 for compiled in entry[0].values():
@@ -297,13 +326,14 @@ def flops(b: int, h: int, n: int, d: int, pope: bool) -> tuple[float, float]:
     return fwd * n * n * d * b * h / 2, total * n * n * d * b * h / 2
 
 
-def run_shape(shape: tuple[int, int, int, int], rows: list[dict], check_fp16: bool) -> None:
+def run_shape(shape: tuple[int, int, int, int], rows: list[dict], check_fp16: bool, ab: bool,
+              peer_c: bool) -> None:
     b, h, n, d = shape
     log(f"\n=== B={b} H={h} N={n} D={d} ===")
     heads = reference_heads(b, h, n)
     errors_by_case: dict[str, dict] = {}
     for dtype in (torch.float16, torch.bfloat16) if check_fp16 else (torch.bfloat16,):
-        cases, data = make_cases(b, h, n, d, dtype, seed=n + d)
+        cases, data = make_cases(b, h, n, d, dtype, seed=n + d, ab=ab, peer_c=peer_c)
         ref = reference_outputs(data, heads)
         checked = cases if dtype == torch.bfloat16 else cases[:1]
         for case in checked:
@@ -408,15 +438,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for the table, log and JSON")
     parser.add_argument("--shapes", type=int, nargs="*", default=[0, 1, 2, 4, 3],
                         help="indices into SHAPES, in the order to run (the slowest last)")
-    parser.add_argument("--fp16-shapes", type=int, nargs="*", default=[0],
+    parser.add_argument("--fp16-shapes", type=int, nargs="*", default=[0, 1, 2, 3, 4],
                         help="shapes whose fp16 output and gradients are checked too (each dtype autotunes anew)")
+    parser.add_argument("--peer-c-shapes", type=int, nargs="*", default=[0, 1, 2, 3],
+                        help="shapes that run peer c (pope-pytorch: its D = 128 autotuning alone takes ~60 s)")
+    parser.add_argument("--no-ab", dest="ab", action="store_false",
+                        help="leave out the A/B case 'ours split-dq' (v1's separate dq pass)")
     args = parser.parse_args()
     log(environment())
     ceilings()
     rows: list[dict] = []
     for i in args.shapes:
         try:
-            run_shape(SHAPES[i], rows, check_fp16=i in args.fp16_shapes)
+            run_shape(SHAPES[i], rows, check_fp16=i in args.fp16_shapes, ab=args.ab,
+                      peer_c=i in args.peer_c_shapes)
         except Exception:
             log(f"shape {SHAPES[i]} failed:", traceback.format_exc()[-3000:])
         report(rows, args.out)  # after every shape: a run cut short still leaves its numbers

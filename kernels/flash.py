@@ -280,7 +280,7 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backward, split variant: dq pass (queries stationary). Used for the head dims in SPLIT_DQ_HEAD_DIMS.
+# Backward: dq pass (queries stationary); skipped for the head dims in FUSED_DQ_HEAD_DIMS
 
 
 @triton.jit
@@ -459,21 +459,22 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
 # Launchers: autotuned on GPU, one fixed small configuration under the interpreter
 
 
-# Head dims whose backward runs the separate dq pass (the v1 structure: dq pass + dk/dv pass, 11 units)
-# instead of adding dq by fp32 atomics inside the dk/dv pass (8 units). A/B switch for the GPU measurement
-# (benchmarks/attention.py --ab flips it); to be settled per head dim by that measurement and then removed.
-SPLIT_DQ_HEAD_DIMS: frozenset[int] = frozenset()
+# Head dims whose backward adds dq by fp32 atomics inside the dk/dv pass (8 matmul units) instead of the
+# separate dq pass (11 units). Empty: on the H100 with triton 3.6 the fused pass spills 120-560 bytes per
+# thread and lost at every measured shape but N = 1024 (attention_notes.md, version 2). A/B switch that
+# benchmarks/attention.py flips for its "ours fused-dq (A/B)" case; remove it, and the FUSED_DQ branch, if
+# no Triton/tile change makes the fused pass win.
+FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset()
 
 # Autotuning candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim (32 uses 64's); M counts
 # queries, N keys, whichever side is streamed. v1's lists were kept to those whose inner loop compiles for
 # sm_90 without (or with few) register spills and that won on the H100 (benchmarks/attention_notes.md);
-# "dkdv_dq" (the fused pass: two more products and an fp32 tile of atomics per step) is new, unmeasured.
+# "dkdv_dq" is the fused pass (two more products and an fp32 tile of atomics per step; all spill).
 _BLOCKS = {
     "fwd": {64: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)], 128: [(128, 32, 8, 2), (128, 64, 8, 2)]},
     "dq": {64: [(128, 64, 8, 2), (128, 32, 8, 2)], 128: [(128, 32, 8, 2), (64, 64, 8, 2)]},
     "dkdv": {64: [(64, 128, 8, 2), (32, 128, 8, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)]},
-    "dkdv_dq": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3)],
-                128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2)]},
+    "dkdv_dq": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2)], 128: [(32, 64, 8, 2), (16, 64, 4, 2)]},
 }
 
 
@@ -580,7 +581,7 @@ def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
     freqs = _freqs(head_dim, theta, q.device)
     delta = delta.contiguous()
     qk_scale = sm_scale * math.log2(math.e)
-    split = head_dim in SPLIT_DQ_HEAD_DIMS
+    split = head_dim not in FUSED_DQ_HEAD_DIMS
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
     dk = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=v.dtype)

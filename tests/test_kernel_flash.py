@@ -65,9 +65,8 @@ def test_causal_with_query_offset_matches_reference(n_q, n_k, q_offset):
 
 @pytest.fixture(params=["fused dq", "split dq"])
 def dq_path(request, monkeypatch):
-    """Both backward structures: dq by atomics inside the dk/dv pass (default), and the separate dq pass."""
-    if request.param == "split dq":
-        monkeypatch.setattr(flash, "SPLIT_DQ_HEAD_DIMS", frozenset(flash.HEAD_DIMS))
+    """Both backward structures: the separate dq pass (default), and dq by atomics inside the dk/dv pass."""
+    monkeypatch.setattr(flash, "FUSED_DQ_HEAD_DIMS", frozenset(flash.HEAD_DIMS if request.param == "fused dq" else ()))
     return request.param
 
 
