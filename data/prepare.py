@@ -13,6 +13,9 @@ The manifest is written last and atomically, then the work directory is removed.
 and settings match an existing manifest's fingerprint does nothing.
 
 Output is a pure function of the inputs and settings, independent of the number of worker processes.
+
+Datasets made in memory (the indirect-indexing task, the JSB chorales) skip both phases: `prepare_generated`
+writes their token arrays directly and is a no-op when the manifest already records the same settings.
 """
 
 from __future__ import annotations
@@ -33,7 +36,17 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .shards import FORMAT, Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest, write_shard
+from .shards import (
+    FORMAT,
+    MANIFEST,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    read_manifest,
+    write_manifest,
+    write_shard,
+    write_token_dataset,
+)
 from .tokenizers import get_tokenizer, token_dtype
 
 SPLITS = ("train", "val", "test")
@@ -97,7 +110,7 @@ def prepare_dataset(
     existing = _complete_manifest(out)
     if existing is not None and existing.fingerprint == fingerprint:
         return existing
-    (out / "manifest.json").unlink(missing_ok=True)  # never readable as complete while being rewritten
+    (out / MANIFEST).unlink(missing_ok=True)  # never readable as complete while being rewritten
     work = out / ".prepare"
     (work / "parts").mkdir(parents=True, exist_ok=True)
     (work / "shards").mkdir(parents=True, exist_ok=True)
@@ -109,7 +122,7 @@ def prepare_dataset(
         jobs = (
             (_tokenize_task, (task, settings.tokenizer, work / "parts" / f"{i:06d}")) for i, task in enumerate(tasks)
         )
-        for stem, task_fp, result, size in _run(jobs, workers):
+        for stem, task_fp, result, size in run_jobs(jobs, workers):
             parts.append((stem, task_fp, result))
             bar.update(size)
     splits: dict[str, SplitInfo] = {}
@@ -132,7 +145,7 @@ def prepare_dataset(
     if "train" not in splits:
         raise DataError(f"{out}: the inputs produced no training documents")
     with tqdm(total=len(shard_jobs), unit="shard", desc="pack", disable=None) as bar:
-        for shard in _run(iter(shard_jobs), workers):
+        for shard in run_jobs(iter(shard_jobs), workers):
             splits[shard.name.split("-")[0]].shards.append(shard)
             bar.update(1)
 
@@ -147,11 +160,33 @@ def prepare_dataset(
         source=source,
     )
     write_manifest(out, manifest)
-    keep = {s.name for info in splits.values() for s in info.shards}
-    for stale in out.iterdir():  # shards of an earlier, different preparation of this directory
-        if _SHARD_NAME.match(stale.name) and stale.name not in keep:
-            stale.unlink()
+    _remove_stale_shards(out, manifest)
     shutil.rmtree(work)
+    return manifest
+
+
+def prepare_generated(
+    out_dir: str | Path,
+    settings: dict[str, Any],
+    build: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]],
+    **dataset: Any,
+) -> Manifest:
+    """Write a dataset that is made in memory (a synthetic task, a small parsed corpus) rather than tokenized
+    from files, unless the directory already holds one made with the same `settings`.
+
+    Such datasets have no tokenize phase worth resuming, so the comparison is on the settings alone (JSON
+    values, recorded at the top of the manifest's `source`): a re-run with the same ones does not call
+    `build`. Otherwise `build()` returns the split streams and further details for `source`, and the dataset
+    is rewritten with `write_token_dataset(out_dir, streams, source=..., **dataset)`.
+    """
+    out = Path(out_dir)
+    existing = _complete_manifest(out)
+    if existing is not None and {key: existing.source.get(key) for key in settings} == settings:
+        return existing
+    streams, details = build()
+    (out / MANIFEST).unlink(missing_ok=True)  # never readable as complete while being rewritten
+    manifest = write_token_dataset(out, streams, source={**settings, **details}, **dataset)
+    _remove_stale_shards(out, manifest)
     return manifest
 
 
@@ -160,6 +195,15 @@ def _complete_manifest(out: Path) -> Manifest | None:
         return read_manifest(str(out))
     except DataError:
         return None
+
+
+def _remove_stale_shards(out: Path, manifest: Manifest) -> None:
+    """Delete the shards of an earlier, different preparation of this directory that the new one did not
+    overwrite (it may have had more shards or other splits)."""
+    keep = {s.name for info in manifest.splits.values() for s in info.shards}
+    for stale in out.iterdir():
+        if _SHARD_NAME.match(stale.name) and stale.name not in keep:
+            stale.unlink()
 
 
 def _tokenize_task(task: Task, tokenizer_name: str, stem: Path) -> tuple[Path, str, _PartResult, int]:
@@ -215,7 +259,7 @@ def _pack_shard(
 _T = TypeVar("_T")
 
 
-def _run(jobs: Iterator[tuple[Callable[..., _T], tuple[Any, ...]]], workers: int) -> Iterator[_T]:
+def run_jobs(jobs: Iterator[tuple[Callable[..., _T], tuple[Any, ...]]], workers: int) -> Iterator[_T]:
     """Run jobs, in this process or a process pool, yielding results in job order.
 
     At most 2 x workers jobs are in flight, so a lazily produced job stream (a genome read from disk)
