@@ -20,6 +20,7 @@ from .corpora import (
     prepare_text,
 )
 from .indirect import SPLIT_SIZES, prepare_indirect
+from .jsb import prepare_jsb
 from .prepare import Settings
 from .shards import Manifest, read_manifest
 
@@ -27,7 +28,7 @@ DEFAULT_CACHE = "~/.cache/pope-lm"
 
 
 def add_prepare_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `prepare {text,openwebtext,genome,shakespeare,indirect}` to the pope-lm argument parser."""
+    """Add `prepare {text,openwebtext,genome,shakespeare,indirect,jsb}` to the pope-lm argument parser."""
     prepare = subparsers.add_parser(
         "prepare",
         help="tokenize a corpus into webdataset shards + manifest.json",
@@ -96,6 +97,12 @@ def add_prepare_subcommands(subparsers: argparse._SubParsersAction) -> None:
     for split, count in SPLIT_SIZES.items():
         indirect.add_argument(f"--{split}", type=int, default=count, help=f"{split} problems (default {count:,})")
     indirect.set_defaults(func=_indirect)
+
+    jsb = kinds.add_parser("jsb", help="Bach's four-part chorales from music21 (16th-note grid, vocab 90)")
+    jsb.add_argument("--out", required=True, help="dataset directory to write")
+    jsb.add_argument("--seed", type=int, default=0, help="seed of the train/val/test permutation of the chorales")
+    jsb.add_argument("--workers", type=int, default=0, help="parsing processes (0: one per CPU)")
+    jsb.set_defaults(func=_jsb)
 
 
 def _add_text_options(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +182,10 @@ def _shakespeare(args: argparse.Namespace) -> int:
 def _indirect(args: argparse.Namespace) -> int:
     sizes = {split: getattr(args, split) for split in SPLIT_SIZES}
     return _report(args.out, prepare_indirect(args.out, seed=args.seed, sizes=sizes))
+
+
+def _jsb(args: argparse.Namespace) -> int:
+    return _report(args.out, prepare_jsb(args.out, seed=args.seed, workers=args.workers))
 
 
 def _report(out: str, manifest: Manifest) -> int:

@@ -1,8 +1,10 @@
-"""The paper's small task datasets: indirect indexing (generated problems, one 64-token sample per window),
-its preparation and command line."""
+"""The paper's small task datasets: indirect indexing (generated problems, one 64-token sample per window)
+and the JSB chorales (music21's Bach chorales on a 16th-note grid), their preparation and command lines."""
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +14,7 @@ import torch
 
 from pope_lm.cli import main
 from pope_lm.config import DataConfig
-from pope_lm.data import TokenDataModule, indirect
+from pope_lm.data import TokenDataModule, indirect, jsb
 from pope_lm.data.shards import member_url, read_blocks, read_manifest
 from pope_lm.data.stream import SplitSource
 
@@ -132,6 +134,80 @@ def test_indirect_rerun_is_a_no_op_and_new_settings_rewrite(tmp_path: Path) -> N
     assert np.array_equal(split_tokens(tmp_path, "train"), indirect.split_stream(first_300, SHARD_SAMPLES))
 
 
+# -------------------------------------------------------------------------------------------------- JSB chorales
+
+BWV66_6 = "bwv66.6.mxl"
+KEPT = (BWV66_6, "bwv10.7.mxl", "bwv102.7.mxl")
+SKIPPED = ("bwv1.6.mxl", "riemenschneider001.rntxt")  # a horn part besides the voices; an analysis
+
+
+def corpus_paths(names: tuple[str, ...]) -> list[Path]:
+    """Files of music21's Bach corpus by name (the JSB tests skip where music21 is not installed)."""
+    pytest.importorskip("music21")
+    paths = {p.name: p for p in jsb.chorale_files()}
+    return [paths[name] for name in names]
+
+
+@pytest.fixture(scope="module")
+def bwv66_6() -> tuple[object, np.ndarray]:
+    (path,) = corpus_paths((BWV66_6,))
+    grid, reason = jsb.read_chorale(str(path))
+    assert grid is not None and reason == ""
+    return jsb.require_music21().converter.parse(path, forceSource=True, storePickle=False), grid
+
+
+def test_jsb_chorales_take_four_tokens_per_16th_step(bwv66_6: tuple[object, np.ndarray]) -> None:
+    score, grid = bwv66_6
+    tokens = jsb.grid_tokens(grid)
+    assert grid.shape == (math.ceil(score.highestTime * 4), 4) == (144, 4)  # 36 quarter notes
+    assert tokens.size == 4 * 144 + 1 and tokens[-1] == jsb.END and (tokens[:-1] != jsb.END).all()
+    assert tokens.max() < jsb.VOCAB_SIZE == 90
+
+
+def test_jsb_first_step_of_bwv66_6_is_c_sharp_e_a_a(bwv66_6: tuple[object, np.ndarray]) -> None:
+    _, grid = bwv66_6
+    assert grid[0].tolist() == [73, 64, 57, 57]  # C#5 E4 A3 A3
+    assert jsb.grid_tokens(grid)[:4].tolist() == [73 - 20, 64 - 20, 57 - 20, 57 - 20]
+
+
+def test_jsb_tokens_round_trip_to_the_pitches_music21_reads(bwv66_6: tuple[object, np.ndarray]) -> None:
+    score, grid = bwv66_6
+    assert np.array_equal(jsb.tokens_grid(jsb.grid_tokens(grid)), grid)
+    for voice, part in enumerate(score.parts):
+        for event in part.flatten().notesAndRests:
+            first = math.ceil(event.offset * 4)
+            if first < math.ceil((event.offset + event.quarterLength) * 4):
+                assert grid[first, voice] == (jsb.REST if event.isRest else event.pitch.midi)
+
+
+@pytest.fixture(scope="module")
+def jsb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("jsb")
+    jsb.prepare_jsb(directory, files=corpus_paths(KEPT + SKIPPED), workers=1)
+    return directory
+
+
+def test_jsb_dataset_holds_one_stream_of_whole_chorales_per_split(jsb_dir: Path) -> None:
+    manifest = read_manifest(str(jsb_dir))
+    assert (manifest.vocab_size, manifest.eos_id, manifest.sample_len, manifest.answer_marker) == (90, 0, None, None)
+    splits, skipped = manifest.source["splits"], manifest.source["skipped"]
+    assert sorted(n for names in splits.values() for n in names) == sorted(KEPT)
+    assert [len(splits[s]) for s in SIZES] == [1, 1, 1]
+    assert sorted(skipped) == sorted(SKIPPED) and "Horn 2" in skipped["bwv1.6.mxl"]
+    for split, (name,) in splits.items():
+        grid, _ = jsb.read_chorale(str(corpus_paths((name,))[0]))
+        assert np.array_equal(split_tokens(jsb_dir, split), jsb.grid_tokens(grid))
+        assert manifest.split(split).documents == 1
+
+
+def test_jsb_split_is_a_seeded_permutation_in_the_papers_proportions() -> None:
+    names = [f"c{i:03d}" for i in range(365)]
+    split = jsb.split_chorales(names, seed=0)
+    assert [len(split[s]) for s in ("train", "val", "test")] == [218, 73, 74]
+    assert sorted(n for names in split.values() for n in names) == names
+    assert split == jsb.split_chorales(list(reversed(names)), seed=0) != jsb.split_chorales(names, seed=1)
+
+
 # -------------------------------------------------------------------------------------------------- command lines
 
 
@@ -142,3 +218,22 @@ def test_cli_prepare_indirect_writes_then_reuses(tmp_path: Path, capsys: pytest.
     first, second = capsys.readouterr().out.splitlines()
     assert first == second
     assert "indirect-char (vocab 68, uint16); train 1 shards, 300 documents, 19,201 tokens; val 1 shards" in first
+
+
+def test_cli_prepare_jsb_in_worker_processes_matches_one_process(
+    jsb_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    subset = corpus_paths(KEPT + SKIPPED)
+    monkeypatch.setattr(jsb, "chorale_files", lambda: subset)
+    assert main(["prepare", "jsb", "--out", str(tmp_path / "jsb"), "--workers", "2"]) == 0
+    assert "jsb-16th (vocab 90, uint16); train 1 shards, 1 documents" in capsys.readouterr().out
+    assert read_manifest(str(tmp_path / "jsb")).data_id == read_manifest(str(jsb_dir)).data_id
+
+
+def test_cli_prepare_jsb_without_music21_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "music21", None)  # makes `import music21` raise ImportError
+    assert main(["prepare", "jsb", "--out", str(tmp_path / "jsb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:") and "pip install music21" in err
