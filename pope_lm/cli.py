@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> int:
     except Preempted as stop:
         print(f"{stop}; exit code {EXIT_REQUEUE} asks the launcher to requeue (then resume=auto)", file=sys.stderr)
         return EXIT_REQUEUE
-    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val/", "train/"))}
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val/", "train/", "test/"))}
     print(f"done: step {metrics['step']}, {shown}, run dir {cfg.resolved_run_dir}")
     return 0
 

@@ -131,11 +131,11 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
     if stopper.stopped and trainer.global_step < cfg.trainer.max_steps:
         raise Preempted(f"stopped on SIGUSR1 after step {trainer.global_step}, saved in {checkpoint_dir}")
-    if cfg.trainer.test_at_end and datamodule.has_split("test"):
-        trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
-
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["step"] = trainer.global_step
+    if cfg.trainer.test_at_end and datamodule.has_split("test"):
+        (tested,) = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
+        metrics.update(tested)
     if logger is not None and trainer.is_global_zero:
         log_run_end(logger, cfg, metrics)
     return metrics
