@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(args.runs_dir or out / "runs")
     recipe = Path(args.recipe).stem
+    failed: list[str] = []
     for spec in args.runs:
         strategy, gpus, *resume = spec.split(":")
         if strategy not in STRATEGIES or not gpus.isdigit() or resume not in ([], ["resume"]):
@@ -155,9 +156,14 @@ def run(args: argparse.Namespace) -> None:
             if stop_at is not None:
                 command.append(f"--stop-at={stop_at}")
             print("+", " ".join(command), flush=True)
-            subprocess.run(command, check=True)
+            if subprocess.run(command).returncode != 0:
+                break
             results.append(json.loads(part.read_text()))
             part.unlink()
+        if len(results) != len(parts):
+            print(f"run {spec} failed; going on with the next", flush=True)
+            failed.append(spec)
+            continue
         result = results[-1]
         if resume:  # one curve: the first launch up to the checkpoint, then the resumed one
             result["resumed_at"] = results[0]["first_step"] + len(results[0]["losses"]) - 1
@@ -165,6 +171,8 @@ def run(args: argparse.Namespace) -> None:
             result["first_step"] = results[0]["first_step"]
         result["spec"] = spec
         (out / f"{label}.json").write_text(json.dumps(result, indent=1) + "\n")
+    if failed:
+        raise SystemExit(f"error: failed runs: {', '.join(failed)}")
 
 
 def report(args: argparse.Namespace) -> None:

