@@ -9,6 +9,7 @@
 #   124m   124M for 50 steps: DDP, ZeRO-2, ZeRO-3, ZeRO-1 on 2 GPUs, a ZeRO-3 run resumed from its checkpoint
 #          halfway, then DDP and ZeRO-2 on 1 GPU (scaling efficiency)
 #   774m   774M for 20 steps: ZeRO-3 and DDP on 2 GPUs at the recipe's micro-batch (peak memory per GPU)
+#   774m-ckpt  the same with activation checkpointing, where model state rather than activations fills memory
 # The runs stop at a deadline (DEADLINE_S, default 540 s after the start) so that what finished comes back as
 # one archive, $OUT/scaleout.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
@@ -20,22 +21,25 @@ mkdir -p "$RESULTS"
 
 # The prepared Shakespeare dataset (.gpu/shakespeare): the machine has no network. One validation batch at
 # the start keeps the runs short; the measured steps exclude it.
-common=(--runs-dir /tmp/runs -- data.dataset=.gpu/shakespeare data.val_batches=1)
 [ $# -gt 0 ] || set -- usage
 for group in "$@"; do
+    extra=()
     case $group in
         124m) runs=(--recipe recipes/124m.yaml --steps 50
                     --runs ddp:2 zero2:2 zero3:2 zero1:2 zero3:2:resume ddp:1 zero2:1) ;;
         774m) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 ddp:2) ;;
+        774m-ckpt) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 ddp:2)
+                   extra=(model.activation_checkpointing=true) ;;
         *)
-            echo "usage: benchmarks/scaleout_session.sh GROUP... (124m, 774m)" >&2
+            echo "usage: benchmarks/scaleout_session.sh GROUP... (124m, 774m, 774m-ckpt)" >&2
             exit 2
             ;;
     esac
     left=$((DEADLINE_S - SECONDS))
     [ "$left" -gt 30 ] || break
     mkdir -p "$RESULTS/$group"
-    timeout "$left" python3 benchmarks/scaleout.py run "${runs[@]}" --out "$RESULTS/$group" "${common[@]}" 2>&1 |
+    timeout "$left" python3 benchmarks/scaleout.py run "${runs[@]}" --out "$RESULTS/$group" \
+        --runs-dir "/tmp/runs/$group" -- data.dataset=.gpu/shakespeare data.val_batches=1 "${extra[@]}" 2>&1 |
         tee "$RESULTS/$group.log" | grep -v -i "warn" | grep -E "^\+|Error|error" | cut -c1-300
     python3 benchmarks/scaleout.py report "$RESULTS/$group"/*.json
 done

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pope_lm.config import ModelConfig
 from pope_lm.position import PoPE, build_position
@@ -92,7 +93,10 @@ class GPT(nn.Module):
         """Logits (B, T, padded vocab) or, with targets (B, T), the mean next-token cross-entropy."""
         x = self.dropout(self.embedding(idx))
         for block in self.blocks:
-            x, _ = block(x)
+            if self.cfg.activation_checkpointing and self.training:
+                x, _ = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, _ = block(x)
         logits = self.head(x)
         if targets is None:
             return logits

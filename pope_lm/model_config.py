@@ -24,6 +24,9 @@ class ModelConfig:
     delta_init: str = "zero"  # PoPE phase bias init: zero (language modelling) | uniform (Uniform(-2pi, 0))
     attention_backend: str = "auto"  # reference | triton | auto (triton on CUDA, reference elsewhere)
     init_std: float = 0.02
+    # Recompute each block's activations in the backward instead of keeping them: saves most activation memory
+    # (only the block inputs stay) for about one extra forward of compute. Training only.
+    activation_checkpointing: bool = False
     # RoPE context extension (pope_lm/rope_scaling.py), for scoring or fine-tuning a RoPE model beyond the length it
     # was trained at: none | pi (position interpolation) | ntk (NTK-aware base change) | yarn. The factor s stretches
     # the context from rope_original_max_len to s x rope_original_max_len. PoPE and NoPE ignore all three.

@@ -53,3 +53,19 @@ def test_pope_attention_flops_exceed_rope_by_the_wider_qk_product():
     n_layer, n_head, head_dim = 2, 4, 8
     # Q K^T over 2D instead of D: 2 T D more per head and layer in forward, times 3 for forward + backward.
     assert extra == 3 * n_layer * n_head * 2 * 1024 * head_dim + 6 * (pope.num_parameters() - rope.num_parameters())
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = GPT(small_config(dropout=0.1, activation_checkpointing=checkpointed))
+        torch.manual_seed(1)  # the same dropout masks; the recomputation replays them
+        loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = grads
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=0, atol=0)
+    for plain, ckpt in zip(grads_plain, grads_ckpt, strict=True):
+        torch.testing.assert_close(ckpt, plain, rtol=1e-6, atol=1e-7)
