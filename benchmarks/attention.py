@@ -5,9 +5,9 @@ For each (B, H, N, D) of issue 3 (bf16, causal):
    (on as many heads as fit the reference's N x N matrices; every batch, so d delta is comparable);
 2. times forward and forward+backward (CUDA events, median) and the peak extra memory of one
    forward+backward for
-     ours       pope_attention (Triton, rotation in registers)
-     ours fused-dq   the same with dq added by atomics inside the dk/dv pass (flash.FUSED_DQ_HEAD_DIMS: the
-                A/B switch, to be dropped with it; --no-ab leaves it out)
+     ours       pope_attention (Triton, rotation in registers; dq pass chosen by flash.uses_fused_dq)
+     ours fused-dq   the same with dq added by atomics inside the dk/dv pass at every shape (the A/B case that
+                re-checks where the fused pass wins; --no-ab leaves it out)
      a          RoPE (compiled elementwise) + SDPA, cuDNN backend
      b          PoPE materialized: q', k' 2D wide (compiled elementwise) + SDPA, cuDNN backend
      c          pope-pytorch 0.2.1 fused Triton kernel (PoPE_pytorch.triton_pope_flash_attn.flash_attn)
@@ -124,13 +124,13 @@ class Case:
 
 @contextmanager
 def fused_dq_pass():
-    """The A/B switch: every head dim's backward adds dq inside the dk/dv pass while inside."""
-    saved = flash.FUSED_DQ_HEAD_DIMS
-    flash.FUSED_DQ_HEAD_DIMS = frozenset(flash.HEAD_DIMS)
+    """The A/B switch: every shape's backward adds dq inside the dk/dv pass while inside."""
+    saved = flash.FUSED_DQ_HEAD_DIMS, flash.FUSED_DQ_MAX_KEYS
+    flash.FUSED_DQ_HEAD_DIMS, flash.FUSED_DQ_MAX_KEYS = frozenset(flash.HEAD_DIMS), sys.maxsize
     try:
         yield
     finally:
-        flash.FUSED_DQ_HEAD_DIMS = saved
+        flash.FUSED_DQ_HEAD_DIMS, flash.FUSED_DQ_MAX_KEYS = saved
 
 
 def make_cases(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int,

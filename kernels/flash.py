@@ -280,7 +280,7 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backward: dq pass (queries stationary); skipped for the head dims in FUSED_DQ_HEAD_DIMS
+# Backward: dq pass (queries stationary); skipped where uses_fused_dq
 
 
 @triton.jit
@@ -459,12 +459,18 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
 # Launchers: autotuned on GPU, one fixed small configuration under the interpreter
 
 
-# Head dims whose backward adds dq by fp32 atomics inside the dk/dv pass (8 matmul units) instead of the
-# separate dq pass (11 units). Empty: on the H100 with triton 3.6 the fused pass spills 120-560 bytes per
-# thread and lost at every measured shape but N = 1024 (attention_notes.md, version 2). A/B switch that
-# benchmarks/attention.py flips for its "ours fused-dq (A/B)" case; remove it, and the FUSED_DQ branch, if
-# no Triton/tile change makes the fused pass win.
-FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset()
+# Where the backward adds dq by fp32 atomics inside the dk/dv pass (8 matmul units) instead of running the separate
+# dq pass (11 units). On the H100 with triton 3.6 the fused pass spills 120-560 bytes of registers per thread and
+# lost at every measured shape with N >= 2048 or D = 128, but won at the launch-bound N = 1024, D = 64, the
+# pretraining shape (fwd+bwd 0.657 vs 0.741 ms at (8, 12, 1024, 64); attention_results.md, version 2). So: fused for
+# head dims in FUSED_DQ_HEAD_DIMS with at most FUSED_DQ_MAX_KEYS keys. benchmarks/attention.py widens both for
+# its "ours fused-dq (A/B)" case, to re-check the long shapes when Triton or the tiles change.
+FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset({32, 64})
+FUSED_DQ_MAX_KEYS = 1024
+
+
+def uses_fused_dq(head_dim: int, n_k: int) -> bool:
+    return head_dim in FUSED_DQ_HEAD_DIMS and n_k <= FUSED_DQ_MAX_KEYS
 
 # Autotuning candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim (32 uses 64's); M counts
 # queries, N keys, whichever side is streamed. v1's lists were kept to those whose inner loop compiles for
@@ -581,7 +587,7 @@ def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
     freqs = _freqs(head_dim, theta, q.device)
     delta = delta.contiguous()
     qk_scale = sm_scale * math.log2(math.e)
-    split = head_dim not in FUSED_DQ_HEAD_DIMS
+    split = not uses_fused_dq(head_dim, n_k)
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
     dk = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=v.dtype)

@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 before anything imports triton.
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -65,8 +66,10 @@ def test_causal_with_query_offset_matches_reference(n_q, n_k, q_offset):
 
 @pytest.fixture(params=["fused dq", "split dq"])
 def dq_path(request, monkeypatch):
-    """Both backward structures: the separate dq pass (default), and dq by atomics inside the dk/dv pass."""
-    monkeypatch.setattr(flash, "FUSED_DQ_HEAD_DIMS", frozenset(flash.HEAD_DIMS if request.param == "fused dq" else ()))
+    """Both backward structures, forced: dq by atomics inside the dk/dv pass, and the separate dq pass."""
+    fused = request.param == "fused dq"
+    monkeypatch.setattr(flash, "FUSED_DQ_HEAD_DIMS", frozenset(flash.HEAD_DIMS))
+    monkeypatch.setattr(flash, "FUSED_DQ_MAX_KEYS", sys.maxsize if fused else 0)
     return request.param
 
 
