@@ -47,7 +47,7 @@ from .shards import (
     write_shard,
     write_token_dataset,
 )
-from .tokenizers import get_tokenizer, token_dtype
+from .tokenizers import check_tokenizer_name, get_tokenizer, token_dtype
 
 SPLITS = ("train", "val", "test")
 _SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
@@ -77,7 +77,7 @@ class Settings:
     shard_tokens: int = 1 << 23  # 8.4M tokens: 16 MiB uint16 shards; enough shards for many ranks x workers
 
     def __post_init__(self) -> None:
-        get_tokenizer(self.tokenizer)  # unknown names fail here, before any work
+        check_tokenizer_name(self.tokenizer)  # unknown names fail here, before any work (and without building it)
         if self.block_len <= 0 or self.shard_tokens < self.block_len or self.shard_tokens % self.block_len:
             raise DataError(
                 f"--shard-tokens ({self.shard_tokens}) must be a positive multiple of --block-len ({self.block_len})"

@@ -235,6 +235,10 @@ def read_blocks(url: str, shard: ShardInfo, block_len: int, dtype: np.dtype, fir
                 yield _decode_block(tar, member, url, block_len, dtype)
         while hashed.read(1 << 20):  # the tar end-of-archive padding also counts toward the checksum
             pass
+    except GeneratorExit:
+        # Closed early (a consumer stopped reading, or garbage collection at interpreter exit). Listed first so
+        # the except clauses below are not evaluated: at exit the module globals they name may already be None.
+        raise
     except DataError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

@@ -182,8 +182,13 @@ TOKENIZERS = {"gpt2": GPT2Tokenizer, "nt-6mer": NucleotideTransformerTokenizer, 
 
 
 @functools.cache
-def get_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer registered under `name`, built once per process (GPT-2 takes ~0.5 s to build)."""
+def check_tokenizer_name(name: str) -> None:
+    """Fail early on an unknown name without building the tokenizer."""
     if name not in TOKENIZERS:
         raise DataError(f"unknown tokenizer '{name}' (valid: {', '.join(TOKENIZERS)})")
+
+
+def get_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer registered under `name`, built once per process (GPT-2 takes ~0.5 s to build)."""
+    check_tokenizer_name(name)
     return TOKENIZERS[name]()
