@@ -152,6 +152,15 @@ def _load_rows(base, rows, row_ok, stride, d):
 
 
 @triton.jit
+def _row_block(n_heads, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """An elementwise program's place: its (batch x head) index bh = (b, h), its BLOCK rows with their mask, the
+    head-dim columns, and the rows' index into a contiguous (B, H, N, ...) tensor."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return bh, bh // n_heads, bh % n_heads, rows, rows < n_rows, tl.arange(0, HEAD_DIM), bh.to(tl.int64) * n_rows + rows
+
+
+@triton.jit
 def _prepass_kernel(X, Mu, Out, DO, Dvec,
                     stride_xb, stride_xh, stride_xn, stride_dob, stride_doh, stride_don,
                     n_heads, n_rows,
@@ -161,12 +170,7 @@ def _prepass_kernel(X, Mu, Out, DO, Dvec,
     The streamed side of every loop reads Mu instead of X: its softplus (two SFU ops per element) is then
     paid once instead of once per stationary block.
     """
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
-    d = tl.arange(0, HEAD_DIM)
-    o_rows = bh.to(tl.int64) * n_rows + rows
+    bh, b, h, rows, row_ok, d, o_rows = _row_block(n_heads, n_rows, HEAD_DIM, BLOCK)
     x = _load_rows(X + b.to(tl.int64) * stride_xb + h * stride_xh, rows, row_ok, stride_xn, d)
     tl.store(Mu + o_rows[:, None] * HEAD_DIM + d[None, :], _softplus(x.to(tl.float32)).to(x.dtype),
              mask=row_ok[:, None])
@@ -181,12 +185,7 @@ def _dq_finish_kernel(Q, DQacc, DQ, stride_qb, stride_qh, stride_qn, n_heads, n_
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     """dq = sigmoid(q) ln2 U from the fp32 sum U of cos(t theta) (dS kc) + sin(t theta) (dS ks) over key
     blocks (kc, ks carry sm_scale log2(e); ln2 leaves sm_scale)."""
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
-    d = tl.arange(0, HEAD_DIM)
-    o_rows = bh.to(tl.int64) * n_rows + rows
+    bh, b, h, rows, row_ok, d, o_rows = _row_block(n_heads, n_rows, HEAD_DIM, BLOCK)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
     acc = _load_rows(DQacc + bh.to(tl.int64) * n_rows * HEAD_DIM, rows, row_ok, HEAD_DIM, d)
     dq = tl.sigmoid(q.to(tl.float32)) * acc * _LN2
