@@ -211,6 +211,36 @@ def _key_tile_scores(qc, qs, mu_base, v_base, stride_vn, cols, col_ok, d, cos, s
 
 
 @triton.jit
+def _query_block(Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale,
+                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A query-stationary program's block: where it is, the head's frequencies and phase biases, its raw queries,
+    and those in Cartesian form with sm_scale * log2(e) folded in (scores come out in log2 units, ready for exp2)."""
+    # Causal: the last query blocks see the most keys; launch them first so the short ones fill the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q
+    d = tl.arange(0, HEAD_DIM)
+    freqs = tl.load(Freqs + d)
+    delta = tl.load(Delta + h * HEAD_DIM + d)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
+    cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))
+    qc, qs = _polar(q, cos * qk_scale, sin * qk_scale, q.dtype)
+    return bh, b, h, start_m, rows, row_ok, d, freqs, delta, q_offset + rows, q, qc, qs
+
+
+@triton.jit
+def _causal_keep(cols, col_ok, q_pos, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a tile count: keys inside the sequence and, if causal, not after the query."""
+    keep = col_ok[None, :]
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= q_pos[:, None])
+    return keep
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, qc, qs, mu_base, v_base, stride_vn, freqs, delta, q_pos, lo, hi, n_k,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -224,10 +254,7 @@ def _fwd_inner(acc, m_i, l_i, qc, qs, mu_base, v_base, stride_vn, freqs, delta, 
                                       HEAD_DIM, DOT_PRECISION)
         cos, sin = _rotate(cos, sin, step_cos, step_sin)
         if MASKED:
-            keep = col_ok[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= q_pos[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_causal_keep(cols, col_ok, q_pos, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -243,23 +270,9 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
                 n_heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    # Causal: the last query blocks see the most keys; launch them first so the short ones fill the tail.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_q
-    d = tl.arange(0, HEAD_DIM)
-    freqs = tl.load(Freqs + d)
-    delta = tl.load(Delta + h * HEAD_DIM + d)
-
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
+    bh, b, h, start_m, rows, row_ok, d, freqs, delta, q_pos, q, qc, qs = _query_block(
+        Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
     dtype = q.dtype
-    q_pos = q_offset + rows
-    cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))
-    # sm_scale * log2(e) folded into the queries: scores come out in log2 units, ready for exp2
-    qc, qs = _polar(q, cos * qk_scale, sin * qk_scale, dtype)
 
     mu_base = MuK + bh.to(tl.int64) * n_k * HEAD_DIM
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
@@ -298,10 +311,7 @@ def _dq_inner(gc, gs, qc, qs, do, lse, dvec, mu_base, v_base, stride_vn, freqs, 
         cos, sin = _rotate(cos, sin, step_cos, step_sin)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            keep = col_ok[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= q_pos[:, None])
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_causal_keep(cols, col_ok, q_pos, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = (p * (dp - dvec[:, None])).to(v.dtype)
         gc = tl.dot(ds, kc, gc, input_precision=DOT_PRECISION)
@@ -316,23 +326,10 @@ def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_q
-    d = tl.arange(0, HEAD_DIM)
-    freqs = tl.load(Freqs + d)
-    delta = tl.load(Delta + h * HEAD_DIM + d)
-    o_rows = bh.to(tl.int64) * n_q + rows
-
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
+    bh, b, h, start_m, rows, row_ok, d, freqs, delta, q_pos, q, qc, qs = _query_block(
+        Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
     dtype = q.dtype
-    q_pos = q_offset + rows
-    zero_bias = tl.zeros([HEAD_DIM], tl.float32)
-    cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, zero_bias)
-    qc, qs = _polar(q, cos * qk_scale, sin * qk_scale, dtype)  # scores in log2 units, as in the forward
+    o_rows = bh.to(tl.int64) * n_q + rows
 
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, row_ok, stride_don, d)
     dvec = tl.load(Dvec + o_rows, mask=row_ok, other=0.0)
@@ -349,7 +346,7 @@ def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
                        q_pos, full, hi, n_k, CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION)
 
     # the phases again rather than kept live through the loop (registers are the scarce resource here)
-    cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, zero_bias)
+    cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))
     dq, _ = _polar_grad(q, gc * sm_scale, gs * sm_scale, cos, sin)
     tl.store(DQ + o_rows[:, None] * HEAD_DIM + d[None, :], dq.to(dtype), mask=row_ok[:, None])
 
