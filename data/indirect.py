@@ -12,7 +12,7 @@ them, as in the paper's range; its answer is the source letter itself.
 Text and tokens. A problem reads `<string>,<source>,<signed shift>=<target>`, e.g.
 `oHBKRksDJOGxMCQIgXUEbwdWeL,e,+1=L`: one token per character, then <end>, then <pad> up to exactly
 SAMPLE_LEN = 64 tokens (the longest problem takes 49 with its <end>). `=` is the answer marker: the trainer
-scores only the token after it. Vocabulary (68 ids):
+scores only the token after it. Vocabulary (68 ids, the `indirect-char` tokenizer of pope_lm.data.tokenizers):
 
     0 <pad>, 1 <end>, 2-27 A-Z, 28-53 a-z, 54-63 0-9, 64 +, 65 -, 66 , (separator), 67 = (answer marker)
 
@@ -38,8 +38,9 @@ import numpy as np
 from .errors import DataError
 from .prepare import prepare_generated
 from .shards import Manifest
+from .tokenizers import IndirectCharTokenizer
 
-TOKENIZER = "indirect-char"
+TOKENIZER = IndirectCharTokenizer.name
 SAMPLE_LEN = 64
 MIN_LEN, MAX_LEN = 20, 40
 MAX_SHIFT = 15
@@ -47,14 +48,15 @@ CHUNK = 1 << 14  # problems per generation chunk (part of the generator's defini
 SPLIT_SIZES = {"train": 1_000_000, "val": 10_000, "test": 10_000}
 SHARD_SAMPLES = 1 << 14  # samples per shard: 2 MiB shards, 62 for the 1M training problems
 
-PAD, END = 0, 1
+# The vocabulary is the `indirect-char` tokenizer's (pope_lm.data.tokenizers), which `pope-lm sample` also uses.
+PAD, END = IndirectCharTokenizer.pad_id, IndirectCharTokenizer.eos_id
 LETTERS = string.ascii_uppercase + string.ascii_lowercase
-CHARS = ("<pad>", "<end>", *LETTERS, *string.digits, "+", "-", ",", "=")
-VOCAB_SIZE = len(CHARS)
+CHARS = IndirectCharTokenizer.vocab
+VOCAB_SIZE = IndirectCharTokenizer.vocab_size
 LETTER0 = CHARS.index("A")
 DIGIT0 = CHARS.index("0")
 PLUS, MINUS, SEP, ANSWER = (CHARS.index(c) for c in "+-,=")
-_IDS = {c: i for i, c in enumerate(CHARS) if len(c) == 1}
+_TOKENIZER = IndirectCharTokenizer()
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
 
 
@@ -132,16 +134,13 @@ def encode_problems(batch: Problems) -> np.ndarray:
 
 
 def encode(text: str) -> np.ndarray:
-    """Token ids of a problem's text (no <end>, no padding)."""
-    try:
-        return np.array([_IDS[c] for c in text], dtype=np.uint8)
-    except KeyError as exc:
-        raise DataError(f"character {exc.args[0]!r} is not in the indirect-indexing vocabulary") from None
+    """Token ids of a problem's text (no <end>, no padding); the `indirect-char` tokenizer's encode."""
+    return _TOKENIZER.encode(text)
 
 
 def decode(ids: Sequence[int] | np.ndarray) -> str:
     """The text of token ids; <end> and <pad> are structure, not text, and are dropped."""
-    return "".join(CHARS[i] for i in ids if i > END)
+    return _TOKENIZER.decode(ids)
 
 
 def split_stream(tokens: np.ndarray, shard_samples: int) -> np.ndarray:

@@ -15,8 +15,9 @@ bundled anywhere installable, so this module rebuilds the task from the Bach cho
   as one held note, as in the piano rolls of the original dataset.
 - Raster order. The steps follow each other; within a step the voices come Soprano, Alto, Tenor, Bass, so a
   chorale of T steps is 4T tokens, followed by the end-of-chorale token.
-- Vocabulary (90, as in the paper): 0 end-of-chorale, 1-88 MIDI pitches 21-108 (the piano range; a
-  chorale's voices span 36-81), 89 silence.
+- Vocabulary (90, as in the paper; the `jsb-16th` tokenizer of pope_lm.data.tokenizers, which also gives
+  the tokens a text form, note names one step per line): 0 end-of-chorale, 1-88 MIDI pitches 21-108 (the
+  piano range; a chorale's voices span 36-81), 89 silence.
 - Split. The names of the kept chorales, sorted, are permuted with `default_rng(seed)` and cut in the
   paper's proportions 76/382 validation and 77/382 test (rounded), the rest training: 218 / 73 / 74 for
   music21 10.5's 365 chorales. Each split's chorales, in name order, form one packed stream (no sample_len):
@@ -38,13 +39,15 @@ from tqdm import tqdm
 from .errors import DataError, first_line
 from .prepare import prepare_generated, run_jobs
 from .shards import Manifest
+from .tokenizers import JsbTokenizer
 
-TOKENIZER = "jsb-16th"
-VOICES = ("Soprano", "Alto", "Tenor", "Bass")
+# The vocabulary is the `jsb-16th` tokenizer's (pope_lm.data.tokenizers), which `pope-lm sample` also uses.
+TOKENIZER = JsbTokenizer.name
+VOICES = JsbTokenizer.voices
 STEPS_PER_QUARTER = 4  # 16th notes
-END, SILENCE = 0, 89
-LOWEST_MIDI, HIGHEST_MIDI = 21, 108  # ids 1..88
-VOCAB_SIZE = 90
+END, SILENCE = JsbTokenizer.eos_id, JsbTokenizer.silence_id
+LOWEST_MIDI, HIGHEST_MIDI = JsbTokenizer.lowest_midi, JsbTokenizer.highest_midi  # ids 1..88
+VOCAB_SIZE = JsbTokenizer.vocab_size
 REST = -1  # a silent voice in a pitch grid
 PAPER_SPLIT = {"train": 229, "val": 76, "test": 77}
 

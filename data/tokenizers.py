@@ -1,9 +1,13 @@
-"""Tokenizers that work offline: GPT-2 BPE and the Nucleotide Transformer DNA tokenizers.
+"""Tokenizers that work offline: GPT-2 BPE, the Nucleotide Transformer DNA tokenizers, and the vocabularies
+of the paper's two task datasets (indirect indexing, JSB chorales).
 
 Every tokenizer returns token ids as a numpy array in the storage dtype of its vocabulary (uint16 when
 the vocabulary fits, else int32) so that a prepare worker never holds millions of Python ints, and names
-itself with a stable id (`gpt2`, `nt-6mer`, `dna-char`) that the dataset manifest records and the
-training side checks.
+itself with a stable id (`gpt2`, `nt-6mer`, `dna-char`, `indirect-char`, `jsb-16th`) that the dataset
+manifest records and the training side checks.
+
+The task vocabularies are defined here, not in their dataset modules (`indirect`, `jsb` import them), so that
+`pope-lm sample` can map ids to text without importing a generator or music21.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import re
+import string
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -178,7 +184,112 @@ class DnaCharTokenizer(_DnaTokenizer):
         return (self._codes(text) + len(_SPECIALS)).astype(token_dtype(self.vocab_size))
 
 
-TOKENIZERS = {"gpt2": GPT2Tokenizer, "nt-6mer": NucleotideTransformerTokenizer, "dna-char": DnaCharTokenizer}
+class IndirectCharTokenizer:
+    """The indirect-indexing task's characters (`pope_lm.data.indirect`), one token each; vocab 68.
+
+    0 <pad>, 1 <end> (end of a problem), 2-27 A-Z, 28-53 a-z, 54-63 0-9, 64 +, 65 -, 66 `,`, 67 `=`. A problem
+    reads `<string>,<source>,<signed shift>=<target>`. Decoding drops <pad> and <end>: they are structure, not
+    text, so the text of a padded sample row is the problem itself.
+    """
+
+    name = "indirect-char"
+    vocab = ("<pad>", "<end>", *string.ascii_uppercase, *string.ascii_lowercase, *string.digits, "+", "-", ",", "=")
+    vocab_size = len(vocab)
+    pad_id, eos_id = 0, 1
+
+    def __init__(self) -> None:
+        self._ids = {c: i for i, c in enumerate(self.vocab) if len(c) == 1}
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = np.fromiter((self._ids.get(c, -1) for c in text), dtype=np.int64, count=len(text))
+        bad = np.flatnonzero(ids < 0)
+        if bad.size:
+            raise DataError(
+                f"{self.name} tokenizer: invalid character {text[bad[0]]!r} at position {bad[0]} "
+                f"(expected A-Z, a-z, 0-9, '+', '-', ',' or '=')"
+            )
+        return ids.astype(token_dtype(self.vocab_size))
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return "".join(self.vocab[int(i)] for i in ids if int(i) > self.eos_id)
+
+
+_NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+_NOTE_STEPS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+_NOTE = re.compile(r"([A-Ga-g])([#b]?)(-?\d+)")
+
+
+class JsbTokenizer:
+    """The JSB chorales' 16th-note raster (`pope_lm.data.jsb`); vocab 90.
+
+    Ids: 0 end of chorale, 1-88 MIDI pitches 21-108 (id = pitch - 20), 89 silence; four per 16th-note step,
+    voices Soprano, Alto, Tenor, Bass. As text, a pitch is its note name with sharps and the octave of
+    scientific pitch notation (MIDI 60 = C4, 21 = A0, 108 = C8), a silence is `.`, the end of a chorale is
+    `<end>`, on a line of its own; tokens are separated by spaces and every fourth token (counted from the
+    start, and again after each `<end>`) ends a line, so step-aligned ids decode to one step per line, `S A T B`:
+
+        C#5 E4 A3 A3
+        B4 E4 B3 G#3
+
+    Encoding splits on any whitespace and also accepts flats (`Bb3`) and lower-case letters.
+    """
+
+    name = "jsb-16th"
+    voices = ("Soprano", "Alto", "Tenor", "Bass")  # the order of the tokens of a step
+    vocab_size = 90
+    eos_id, silence_id = 0, 89
+    lowest_midi, highest_midi = 21, 108  # ids 1..88
+    vocab = (
+        "<end>",
+        *(f"{_NOTE_NAMES[m % 12]}{m // 12 - 1}" for m in range(lowest_midi, highest_midi + 1)),
+        ".",
+    )
+
+    def encode(self, text: str) -> np.ndarray:
+        words = text.split()
+        ids = np.empty(len(words), dtype=token_dtype(self.vocab_size))
+        for i, word in enumerate(words):
+            ids[i] = self._id(word, i)
+        return ids
+
+    def _id(self, word: str, index: int) -> int:
+        if word == ".":
+            return self.silence_id
+        if word == "<end>":
+            return self.eos_id
+        note = _NOTE.fullmatch(word)
+        if note is None:
+            raise DataError(
+                f"{self.name} tokenizer: invalid token {word!r} (word {index}; expected a note name such as C#4 "
+                f"or Bb3, '.' for silence or '<end>')"
+            )
+        letter, accidental, octave = note.groups()
+        midi = 12 * (int(octave) + 1) + _NOTE_STEPS[letter.upper()] + {"#": 1, "b": -1, "": 0}[accidental]
+        if not self.lowest_midi <= midi <= self.highest_midi:
+            raise DataError(
+                f"{self.name} tokenizer: note {word!r} (word {index}, MIDI {midi}) is outside MIDI "
+                f"{self.lowest_midi}-{self.highest_midi} ({self.vocab[1]}-{self.vocab[-2]})"
+            )
+        return midi - (self.lowest_midi - 1)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        parts: list[str] = []
+        voice = 0
+        for i in map(int, ids):
+            if parts:
+                parts.append("\n" if voice == 0 or i == self.eos_id else " ")
+            parts.append(self.vocab[i])
+            voice = 0 if i == self.eos_id else (voice + 1) % len(self.voices)
+        return "".join(parts)
+
+
+TOKENIZERS = {
+    "gpt2": GPT2Tokenizer,
+    "nt-6mer": NucleotideTransformerTokenizer,
+    "dna-char": DnaCharTokenizer,
+    "indirect-char": IndirectCharTokenizer,
+    "jsb-16th": JsbTokenizer,
+}
 
 
 @functools.cache

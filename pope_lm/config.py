@@ -35,7 +35,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # samples shuffled together (consecutive chunks of a shard; 0 or 1: in order)
     val_batches: int = 20  # validation batches per evaluation, streamed in order without shuffle
-    tokenizer: str = ""  # expected tokenizer id of the dataset (gpt2 | nt-6mer | dna-char); "" accepts any
+    tokenizer: str = ""  # expected tokenizer id of the dataset (a name in data/tokenizers.py); "" accepts any
     skip_corrupt: bool = False  # skip (and count) a corrupt or unreadable shard instead of stopping
     layout_change: str = "refuse"  # resuming with other ranks/workers/batch/seq_len: refuse | next_epoch
 

@@ -139,4 +139,15 @@ def sample(checkpoint: str, prompt: str, settings: SamplingSettings, device: str
     new = generate(model.eval(), idx, settings, eos_id=tokenizer.eos_id)[0].tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
-    return tokenizer.decode(new)
+    return continuation_text(tokenizer, ids if prompt else [], new)
+
+
+def continuation_text(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text that `new` adds after `prompt`: decoded together with the prompt, then the prompt's text cut off.
+
+    For most tokenizers that is `decode(new)`; a tokenizer whose text has separators or layout that depend on
+    the tokens before (jsb-16th: a space between voices, a line per 16th-note step) gets them right this way,
+    e.g. the newline that ends the prompt's last step.
+    """
+    head, whole = tokenizer.decode(prompt), tokenizer.decode(prompt + new)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(new)

@@ -62,3 +62,22 @@ def make_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[
 def tiny_checkpoint(make_tiny_checkpoint: Callable[[str], Path]) -> Path:
     """A tiny PoPE checkpoint (GPT-2 vocabulary, trained at 32 tokens)."""
     return make_tiny_checkpoint("pope")
+
+
+@pytest.fixture(scope="session")
+def indirect_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of recipes/indirect.yaml shrunk to one tiny layer, trained 2 steps on a tiny indirect dataset
+    through `pope-lm train` (its config names data.tokenizer=indirect-char, as the recipe does)."""
+    from pope_lm.cli import main
+    from pope_lm.data import indirect
+
+    root = tmp_path_factory.mktemp("indirect-run")
+    indirect.prepare_indirect(root / "data", sizes={"train": 64, "val": 8, "test": 8}, shard_samples=64)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "indirect.yaml"
+    overrides = [f"data.dataset={root / 'data'}", f"run_dir={root / 'run'}", "model.n_layer=1", "model.d_model=32",
+                 "model.n_head=2", "model.head_dim=16", "model.attention_backend=reference", "trainer.accelerator=cpu",
+                 "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=4",
+                 "trainer.val_every_n_steps=2", "data.val_batches=1", "data.num_workers=0",
+                 "checkpoint.every_n_steps=2", "optim.warmup_steps=1", "tracking.enabled=false"]
+    assert main(["train", str(recipe), *overrides]) == 0
+    return root / "run" / "checkpoints" / "step-00000002.ckpt"

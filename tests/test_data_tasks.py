@@ -17,6 +17,7 @@ from pope_lm.config import DataConfig
 from pope_lm.data import TokenDataModule, indirect, jsb
 from pope_lm.data.shards import member_url, read_blocks, read_manifest
 from pope_lm.data.stream import SplitSource
+from pope_lm.data.tokenizers import get_tokenizer
 
 SIZES = {"train": 1000, "val": 100, "test": 100}
 SHARD_SAMPLES = 256  # 4 training shards, the last one short: every shard end is exercised
@@ -178,6 +179,17 @@ def test_jsb_tokens_round_trip_to_the_pitches_music21_reads(bwv66_6: tuple[objec
             first = math.ceil(event.offset * 4)
             if first < math.ceil((event.offset + event.quarterLength) * 4):
                 assert grid[first, voice] == (jsb.REST if event.isRest else event.pitch.midi)
+
+
+def test_jsb_tokenizer_text_of_a_converted_chorale(bwv66_6: tuple[object, np.ndarray]) -> None:
+    """What `pope-lm sample` prints for a jsb-16th model: one 16th-note step per line, S A T B note names."""
+    _, grid = bwv66_6
+    tokens = jsb.grid_tokens(grid)
+    tokenizer = get_tokenizer("jsb-16th")
+    lines = tokenizer.decode(tokens).split("\n")
+    assert lines[0] == "C#5 E4 A3 A3" and lines[-1] == "<end>" and len(lines) == 144 + 1
+    assert all(len(line.split()) == 4 for line in lines[:-1])
+    assert np.array_equal(tokenizer.encode(tokenizer.decode(tokens)), tokens)
 
 
 @pytest.fixture(scope="module")

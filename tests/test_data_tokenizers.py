@@ -1,5 +1,6 @@
 """Tokenizers: GPT-2 ids equal Hugging Face's reference tokenizer; the DNA tokenizers follow the
-Nucleotide Transformer rules (vocab 4107, 6-mers restarting after every N, single-nucleotide remainders)."""
+Nucleotide Transformer rules (vocab 4107, 6-mers restarting after every N, single-nucleotide remainders); the
+task tokenizers (indirect-char, jsb-16th) give the ids their dataset generators write."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import itertools
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from pope_lm.data import DataError
+from pope_lm.data import DataError, indirect, jsb
 from pope_lm.data.tokenizers import get_tokenizer
 
 MULTILINGUAL = [
@@ -131,3 +134,75 @@ def test_invalid_input_names_the_character_and_position() -> None:
         get_tokenizer("nt-6mer").encode("ACGXT")
     with pytest.raises(DataError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
+
+
+def test_indirect_char_tokenizer_is_the_datasets_vocabulary() -> None:
+    tok = get_tokenizer("indirect-char")
+    assert (tok.name, tok.vocab_size, tok.eos_id) == (indirect.TOKENIZER, indirect.VOCAB_SIZE, indirect.END) == (
+        "indirect-char", 68, 1)
+    assert tok.vocab == indirect.CHARS  # one definition, shared
+    text = "oHBKRksDJOGxMCQIgXUEbwdWeL,e,+1=L"
+    ids = tok.encode(text)
+    assert ids.dtype == np.uint16 and ids[:3].tolist() == [28 + 14, 2 + 7, 2 + 1] and ids[-2:].tolist() == [67, 2 + 11]
+    assert tok.encode("09+-,=").tolist() == [54, 63, 64, 65, 66, 67]
+    assert tok.decode([*ids, tok.eos_id, 0, 0]) == text  # <end> and <pad> are structure, not text
+
+
+def test_indirect_char_round_trips_the_generated_samples() -> None:
+    tok = get_tokenizer("indirect-char")
+    batch = indirect.problems("test", 200, seed=5)
+    for i, row in enumerate(indirect.encode_problems(batch)):
+        n = len(batch.text(i))
+        assert tok.decode(row) == batch.text(i)
+        assert tok.encode(tok.decode(row)).tolist() == row[:n].tolist()
+        assert row[n] == tok.eos_id and not row[n + 1 :].any()
+
+
+def test_jsb_tokenizer_reads_note_names_one_step_per_line() -> None:
+    tok = get_tokenizer("jsb-16th")
+    assert (tok.name, tok.vocab_size, tok.eos_id) == (jsb.TOKENIZER, jsb.VOCAB_SIZE, jsb.END) == ("jsb-16th", 90, 0)
+    assert (tok.decode([1]), tok.decode([60 - 20]), tok.decode([88]), tok.decode([jsb.SILENCE])) == (
+        "A0", "C4", "C8", ".")
+    grid = np.array([[73, 64, 57, 57], [71, 64, 59, 56], [jsb.REST, 64, jsb.REST, 45]])  # C#5 E4 A3 A3, ...
+    tokens = jsb.grid_tokens(grid)
+    text = tok.decode(tokens)
+    assert text == "C#5 E4 A3 A3\nB4 E4 B3 G#3\n. E4 . A2\n<end>"
+    assert tok.encode(text).tolist() == tokens.tolist()
+    assert np.array_equal(jsb.tokens_grid(tok.encode(text)), grid)
+    # any whitespace separates; flats and lower case are read too
+    assert tok.encode("  db5\tE4 A3   bb2\n. ").tolist() == [73 - 20, 64 - 20, 57 - 20, 46 - 20, jsb.SILENCE]
+    assert tok.encode("").tolist() == []
+
+
+def test_jsb_tokenizer_round_trips_every_id_sequence() -> None:
+    tok = get_tokenizer("jsb-16th")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, 90, rng.integers(0, 40)).astype(np.uint16)
+        assert tok.encode(tok.decode(ids)).tolist() == ids.tolist()
+    assert tok.encode(tok.decode(range(90))).tolist() == list(range(90))
+    # a line per step, counted again after every end of chorale
+    assert tok.decode([40, 40, 40, 40, 40, 0, 40, 40, 40, 40, 40]) == "C4 C4 C4 C4\nC4\n<end>\nC4 C4 C4 C4\nC4"
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("indirect-char", "abc!d", r"^indirect-char tokenizer: invalid character '!' at position 3 \("),
+    ("indirect-char", "ab cd", r"^indirect-char tokenizer: invalid character ' ' at position 2 \("),
+    ("indirect-char", "ab\ncd", r"^indirect-char tokenizer: invalid character '\\n' at position 2 \("),
+    ("indirect-char", "abé", r"^indirect-char tokenizer: invalid character 'é' at position 2 \("),
+    ("jsb-16th", "C4 E4 H4 C4", r"^jsb-16th tokenizer: invalid token 'H4' \(word 2;"),
+    ("jsb-16th", "C4 60", r"^jsb-16th tokenizer: invalid token '60' \(word 1;"),
+    ("jsb-16th", "C4 C9", r"^jsb-16th tokenizer: note 'C9' \(word 1, MIDI 120\) is outside MIDI 21-108 \(A0-C8\)$"),
+])
+def test_task_tokenizers_name_an_invalid_character_in_one_line(name: str, text: str, message: str) -> None:
+    with pytest.raises(DataError, match=message) as error:
+        get_tokenizer(name).encode(text)
+    assert "\n" not in str(error.value)
+
+
+def test_importing_the_tokenizers_leaves_out_music21_and_the_dataset_generators() -> None:
+    code = ("import sys, pope_lm.data.tokenizers as t; t.get_tokenizer('jsb-16th').decode([1]); "
+            "print(sorted(m for m in ('music21', 'tqdm', 'torch', 'pope_lm.data.jsb', 'pope_lm.data.indirect') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"

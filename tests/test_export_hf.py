@@ -142,6 +142,16 @@ def test_dna_tokenizers_export_with_identical_ids(name, tmp_path):
     assert theirs.eos_token_id == ours.eos_id
 
 
+def test_a_task_tokenizer_without_a_hf_equivalent_is_refused_before_writing(indirect_checkpoint, tmp_path, capsys):
+    assert main(["export-hf", str(indirect_checkpoint), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        "error: export-hf supports the gpt2, nt-6mer, dna-char tokenizers, not 'indirect-char' (no Hugging Face "
+        "tokenizer is defined for it); nothing was written\n")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="no Hugging Face equivalent is known for tokenizer 'jsb-16th'"):
+        save_hf_tokenizer(get_tokenizer("jsb-16th"), tmp_path, model_max_length=64)
+
+
 def test_existing_non_empty_output_is_refused_and_left_untouched(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()

@@ -42,6 +42,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Regular expressions that cut DNA into the data tokenizers' tokens (pope_lm.data.tokenizers): the Nucleotide
 # Transformer takes non-overlapping 6-mers from the start of each N-free stretch, the rest as single bases.
 _DNA_PATTERNS = {"nt-6mer": r"[ACGT]{6}|[ACGTN]", "dna-char": r"[ACGTN]"}
+# The pope-lm tokenizers that have a Hugging Face equivalent (save_hf_tokenizer); the task vocabularies
+# (indirect-char, jsb-16th) have none, so their checkpoints are not exported.
+HF_TOKENIZERS = ("gpt2", *_DNA_PATTERNS)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, tokenizer_name: str | None = None,
@@ -62,6 +65,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, tokenizer_name: s
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
     model, cfg = load_checkpoint(checkpoint)
     tokenizer = resolve_tokenizer(cfg, tokenizer_name)
+    if tokenizer.name not in HF_TOKENIZERS:  # before any work: the task vocabularies have no HF tokenizer
+        raise ConfigError(f"export-hf supports the {', '.join(HF_TOKENIZERS)} tokenizers, not '{tokenizer.name}' "
+                          f"(no Hugging Face tokenizer is defined for it); nothing was written")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens, more than the model's "
                           f"vocabulary of {cfg.model.vocab_size}")
