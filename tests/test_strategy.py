@@ -230,7 +230,11 @@ def _torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                              str(REPO / "tests" / script), *args], env=launcher_env(), cwd=cwd,
                             capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    if result.returncode != 0:
+        # Torch's deprecation warnings fill the output of every collective; keep what says why the ranks stopped.
+        lines = [line for line in (result.stdout + result.stderr).splitlines()
+                 if "Warning" not in line and "return func(" not in line]
+        pytest.fail(f"torchrun {script} exited with {result.returncode}:\n" + "\n".join(lines[-80:]))
     return result
 
 
