@@ -9,6 +9,7 @@ discovery, resume and `load_model` take either form.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from pope_lm.lit_module import CONFIG_KEY
 from pope_lm.model import GPT
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.ckpt$")
+BEST_CHECKPOINT = "best.ckpt"  # checkpoint.keep_best: never picked by resume=auto, never pruned by keep_last
 
 
 def checkpoint_name(step: int) -> str:
@@ -67,12 +69,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class PeriodicCheckpoint(L.Callback):
-    """Save every `every_n_steps` optimizer steps and at the end of training; keep the newest `keep_last`."""
+    """Save every `every_n_steps` optimizer steps and at the end of training; keep the newest `keep_last`.
 
-    def __init__(self, directory: Path, every_n_steps: int, keep_last: int) -> None:
+    With `keep_best`, also keep `best.ckpt`, rewritten whenever a validation ends with a lower val/loss than any
+    before (the best value and its step travel in the checkpoints, so a resumed run keeps comparing to it).
+    """
+
+    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, keep_best: bool = False) -> None:
         self.directory = directory
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.best_loss, self.best_step = math.inf, -1
         self._last_saved_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -84,19 +92,34 @@ class PeriodicCheckpoint(L.Callback):
         if trainer.global_step != self._last_saved_step:
             self.save(trainer)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if not self.keep_best or trainer.sanity_checking or loss is None or not float(loss) < self.best_loss:
+            return
+        self.best_loss, self.best_step = float(loss), trainer.global_step
+        _write(trainer, self.directory / BEST_CHECKPOINT)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_loss": self.best_loss, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_loss, self.best_step = state_dict["best_loss"], state_dict["best_step"]
+
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
-        path = self.directory / checkpoint_name(step)
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            _save_sharded(trainer, path)
-        else:
-            # Full state (optimizer, schedule, loops, data position), not weights only. Every rank calls; rank 0
-            # writes.
-            trainer.save_checkpoint(path, weights_only=False)
+        _write(trainer, self.directory / checkpoint_name(step))
         self._last_saved_step = step
         if trainer.is_global_zero:
             for old in list_checkpoints(self.directory)[: -self.keep_last]:
                 _remove(old)
+
+
+def _write(trainer: L.Trainer, path: Path) -> None:
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        _save_sharded(trainer, path)
+    else:
+        # Full state (optimizer, schedule, loops, data position), not weights only. Every rank calls; rank 0 writes.
+        trainer.save_checkpoint(path, weights_only=False)
 
 
 def _save_sharded(trainer: L.Trainer, path: Path) -> None:

@@ -68,6 +68,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision string
     val_every_n_steps: int = 1000
     test_at_end: bool = True  # score the dataset's test split, where it has one, once training ends
+    test_on: str = "last"  # the weights the test split scores: last | best (needs checkpoint.keep_best)
     max_time: str = ""  # "DD:HH:MM:SS": end training (checkpoint, test) after this wall time; "" = no limit
     log_every_n_steps: int = 10
     compile: bool = False  # torch.compile the model
@@ -79,6 +80,7 @@ class TrainerConfig:
 class CheckpointConfig:
     every_n_steps: int = 1000
     keep_last: int = 3  # newest complete checkpoints kept on disk
+    keep_best: bool = False  # also keep best.ckpt: the weights at the validation with the lowest val/loss so far
 
 
 @dataclass
@@ -117,6 +119,7 @@ _CHOICES = {
     "model.rope_scaling_type": ("none", "pi", "ntk", "yarn"),
     "trainer.accelerator": ("auto", "cpu", "gpu"),
     "trainer.strategy": ("auto", "ddp", "deepspeed"),
+    "trainer.test_on": ("last", "best"),
 }
 
 
@@ -201,6 +204,8 @@ def validate(cfg: RunConfig) -> None:
     if t.strategy != "deepspeed" and (t.offload_optimizer or t.offload_params or t.deepspeed_config):
         raise ConfigError("'trainer.offload_optimizer', 'trainer.offload_params' and 'trainer.deepspeed_config' "
                           f"need trainer.strategy=deepspeed; got '{t.strategy}'")
+    if t.test_on == "best" and not cfg.checkpoint.keep_best:
+        raise ConfigError("'trainer.test_on' best needs checkpoint.keep_best=true")
     if t.max_time and not re.fullmatch(r"\d+:\d{2}:\d{2}:\d{2}", t.max_time):
         raise ConfigError(f"'trainer.max_time' must read DD:HH:MM:SS; got '{t.max_time}'")
     if t.offload_params and t.zero_stage != 3:

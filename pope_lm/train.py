@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from pope_lm.checkpointing import (
+    BEST_CHECKPOINT,
     AtomicCheckpointIO,
     PeriodicCheckpoint,
     checkpoint_state,
@@ -90,8 +91,10 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
         logger = build_logger(cfg, run_id)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     stopper = StopOnSignal(every_n_steps=cfg.trainer.log_every_n_steps)
+    checkpoints = PeriodicCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
+                                     cfg.checkpoint.keep_best)
     callbacks: list[L.Callback] = [
-        PeriodicCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
+        checkpoints,
         SpeedMonitor(tokens_per_step, module.model.flops_per_token(cfg.data.seq_len),
                      peak_flops(cfg.trainer.peak_tflops), cfg.trainer.log_every_n_steps),
         StepProgressBar(refresh_rate=cfg.trainer.log_every_n_steps),
@@ -134,11 +137,25 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["step"] = trainer.global_step
     if cfg.trainer.test_at_end and datamodule.has_split("test"):
-        (tested,) = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
-        metrics.update(tested)
+        metrics.update(_test(trainer, module, datamodule, cfg, checkpoints))
     if logger is not None and trainer.is_global_zero:
         log_run_end(logger, cfg, metrics)
     return metrics
+
+
+def _test(trainer: L.Trainer, module: L.LightningModule, datamodule: TokenDataModule, cfg: RunConfig,
+          checkpoints: PeriodicCheckpoint) -> dict[str, float]:
+    """Score the test split with the last weights, or (trainer.test_on=best) with those of the best validation."""
+    best = checkpoints.directory / BEST_CHECKPOINT
+    if cfg.trainer.test_on == "best" and best.exists():
+        log.info("testing %s (step %d, val/loss %.4f)", best, checkpoints.best_step, checkpoints.best_loss)
+        (tested,) = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True,
+                                 verbose=trainer.is_global_zero)
+        return {**tested, "test/step": float(checkpoints.best_step)}
+    if cfg.trainer.test_on == "best":
+        log.warning("no validation ran, so there is no best checkpoint: testing the last weights")
+    (tested,) = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
+    return {**tested, "test/step": float(trainer.global_step)}
 
 
 def _start_from_weights(module: L.LightningModule, cfg: RunConfig) -> None:

@@ -42,6 +42,8 @@ def test_flatten_gives_dotted_keys():
         (["trainer.max_steps"], "not of the form key=value"),
         (["optim.min_lr=1.0"], "'optim.min_lr' must be in [0, optim.lr]"),
         (["trainer.max_time=8min"], "'trainer.max_time' must read DD:HH:MM:SS; got '8min'"),
+        (["trainer.test_on=best"], "'trainer.test_on' best needs checkpoint.keep_best=true"),
+        (["trainer.test_on=first"], "'trainer.test_on' must be one of last, best"),
     ],
 )
 def test_bad_overrides_raise_one_line_naming_the_key(overrides, fragment):

@@ -3,6 +3,7 @@ and the test split is scored once training ends."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,24 @@ def test_answer_task_learns_and_logs_validation_and_test_accuracy(tmp_path, reca
     (test_accuracy,) = history(client, run.info.run_id, "test/accuracy").values()
     assert test_accuracy > 0.9 and test_loss < 0.5
     assert history(client, run.info.run_id, "train/accuracy")
+
+
+def test_keep_best_tests_the_weights_of_the_best_validation(tmp_path, recall_dataset):
+    run_dir = tmp_path / "best"
+    out = finish(pope_lm("recipes/tiny.yaml", f"data.dataset={recall_dataset}", f"data.seq_len={SAMPLE_LEN}",
+                         "data.tokenizer=recall-test", f"model.vocab_size={VOCAB}", "model.n_layer=1",
+                         "model.d_model=64", "model.n_head=2", "trainer.global_batch_size=32",
+                         "trainer.micro_batch_size=32", "trainer.max_steps=30", "trainer.val_every_n_steps=10",
+                         "data.val_batches=2", "optim.warmup_steps=5", "checkpoint.keep_best=true",
+                         "checkpoint.every_n_steps=10", "checkpoint.keep_last=1", "trainer.test_on=best",
+                         run_dir=run_dir))
+    client, (run,) = mlflow_run(run_dir)
+    val_losses = [v for step, v in history(client, run.info.run_id, "val/loss").items() if step > 0]
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    (state,) = [s for s in best["callbacks"].values() if "best_loss" in s]
+    assert len(val_losses) == 3 and state["best_loss"] == pytest.approx(min(val_losses))
+    assert f"(step {best['global_step']}, val/loss" in out
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["test/step"] == best["global_step"] and "test/accuracy" in final
+    # keep_last prunes the step checkpoints only; resume=auto would pick step-00000030
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "step-00000030.ckpt"]
