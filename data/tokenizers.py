@@ -292,13 +292,13 @@ TOKENIZERS = {
 }
 
 
-@functools.cache
 def check_tokenizer_name(name: str) -> None:
     """Fail early on an unknown name without building the tokenizer."""
     if name not in TOKENIZERS:
         raise DataError(f"unknown tokenizer '{name}' (valid: {', '.join(TOKENIZERS)})")
 
 
+@functools.cache
 def get_tokenizer(name: str) -> Tokenizer:
     """The tokenizer registered under `name`, built once per process (GPT-2 takes ~0.5 s to build)."""
     check_tokenizer_name(name)

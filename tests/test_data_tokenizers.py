@@ -59,6 +59,10 @@ def test_gpt2_ids_equal_the_hf_reference_on_multilingual_text(hf_gpt2) -> None:
         assert tok.decode(ids) == text
 
 
+def test_each_tokenizer_is_built_once_per_process() -> None:
+    assert get_tokenizer("gpt2") is get_tokenizer("gpt2")  # building GPT-2's BPE takes ~0.5 s
+
+
 def test_gpt2_treats_a_literal_end_of_text_marker_as_text() -> None:
     """Documents are separated by the id 50256 that prepare appends, never by text that spells the marker."""
     ids = get_tokenizer("gpt2").encode("a <|endoftext|> b").tolist()
