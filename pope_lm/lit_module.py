@@ -58,17 +58,20 @@ class LitGPT(L.LightningModule):
         logits = self.model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         scored = targets != IGNORE
-        accuracy = (logits.argmax(-1) == targets)[scored].float().mean()
+        # Counted with a mask, not by indexing with it: boolean indexing would wait for the device every step.
+        accuracy = ((logits.argmax(-1) == targets) & scored).sum() / scored.sum()
         return loss, accuracy
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, accuracy = self.score(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        # Not prog_bar: Lightning reads progress-bar values to the host after every step, which would wait for the
+        # GPU each time; StepProgressBar shows the loss at its refresh points instead.
+        self.log("train/loss", loss)
         if accuracy is not None:
             self.log("train/accuracy", accuracy)
         skipped = getattr(self.trainer.datamodule, "skipped_shards", 0)
         if skipped:
-            self.log("data/skipped_shards", float(skipped))
+            log_host_value(self, "data/skipped_shards", float(skipped))
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -140,7 +143,7 @@ class LitGPT(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.model.clamp_phase_biases_()
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])  # type: ignore[union-attr]
+        log_host_value(self, "lr", self.lr_schedulers().get_last_lr()[0])  # type: ignore[union-attr]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The config travels with the weights, so evaluation and export rebuild the model from the file alone.
@@ -163,6 +166,16 @@ class LitGPT(L.LightningModule):
         np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
         version, state, gauss = rng["python"]
         random.setstate((version, tuple(state), gauss))
+
+
+def log_host_value(module: L.LightningModule, name: str, value: float, **kwargs: Any) -> None:
+    """`module.log` for a number the host already holds, without a device synchronization.
+
+    Lightning turns a plain number into a tensor on the module's device: a blocking host-to-device copy that makes
+    the host wait for every queued kernel, each step. A CPU tensor stays on the CPU (Lightning keeps a logged
+    value on the device it came from), so the host keeps queueing work ahead of the GPU.
+    """
+    module.log(name, torch.tensor(value, dtype=torch.float32), **kwargs)
 
 
 # numpy and python RNG states hold numpy arrays and tuples; plain lists keep checkpoints loadable with

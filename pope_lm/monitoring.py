@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from pope_lm.lit_module import log_host_value
+
 # Dense bf16 peak (TFLOP/s) by device name, for MFU when trainer.peak_tflops is not set.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -52,7 +54,8 @@ class SpeedMonitor(L.Callback):
         metrics = {"tokens_per_s": tokens_per_s}
         if self.peak is not None:
             metrics["mfu"] = tokens_per_s * self.flops_per_token / (trainer.world_size * self.peak)
-        pl_module.log_dict(metrics, prog_bar=True, rank_zero_only=True)
+        for name, value in metrics.items():
+            log_host_value(pl_module, name, value, prog_bar=True, rank_zero_only=True)
         self._window_start, self._window_step = now, step
 
 
@@ -88,5 +91,8 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        loss = trainer.callback_metrics.get("train/loss")  # logged without prog_bar, see LitGPT.training_step
+        if loss is not None:
+            metrics = {"train/loss": f"{loss.item():.3f}", **metrics}
         shown = {"tokens_per_s": "{:,.0f}", "mfu": "{:.1%}"}
         return {k: (shown[k].format(v) if k in shown else v) for k, v in metrics.items()}
