@@ -23,6 +23,8 @@ import json
 import math
 import platform
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -138,6 +140,42 @@ class _StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
+class _SyncProbe(L.Callback):
+    """Records where the host waits for the GPU during two warm-up steps (CUDA sync debug mode).
+
+    A step without synchronizations lets the host queue the next step while the GPU works, which hides Lightning's
+    Python overhead; each site found here exposes it. Prints every site (file:line, innermost pope_lm or lightning
+    frame) with its count.
+    """
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.sites: dict[str, int] = {}
+        self._catcher: warnings.catch_warnings | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.first and self._catcher is None:
+            self._catcher = warnings.catch_warnings()
+            self._catcher.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record  # type: ignore[assignment]
+            torch.cuda.set_sync_debug_mode("warn")
+        elif trainer.global_step == self.last and self._catcher is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+            print(f"host-device synchronizations in steps {self.first}..{self.last - 1}: "
+                  f"{sum(self.sites.values())} {self.sites}", flush=True)
+
+    def _record(self, message: object, *args: object, **kwargs: object) -> None:
+        if "synchroniz" not in str(message):
+            return
+        stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        ours = [f for f in stack if "pope_lm" in f.filename or "lightning" in f.filename] or stack
+        site = " <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in (stack[-1], ours[-1]))
+        self.sites[site] = self.sites.get(site, 0) + 1
+
+
 def time_lightning(cfg: RunConfig, batches: list[torch.Tensor], warmup: int, steps: int,
                    device: torch.device) -> float:
     """Seconds per optimizer step of the pope-lm LightningModule under a Lightning Trainer."""
@@ -145,11 +183,14 @@ def time_lightning(cfg: RunConfig, batches: list[torch.Tensor], warmup: int, ste
     if device.type == "cuda":
         module.model = torch.compile(module.model)  # type: ignore[assignment]
     timer = _StepTimer(warmup)
+    callbacks: list[L.Callback] = [timer]
+    if device.type == "cuda" and warmup >= 4:
+        callbacks.append(_SyncProbe(warmup - 3, warmup - 1))
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
         max_steps=warmup + steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0,
+        enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
     )
     loader = torch.utils.data.DataLoader(_Repeat(batches, warmup + steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
