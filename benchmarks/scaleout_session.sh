@@ -8,7 +8,7 @@
 # GROUP, in the order given, within one 10-minute call (each launch costs ~30-60 s of start-up and save):
 #   124m   124M for 50 steps: DDP, ZeRO-2, ZeRO-3, ZeRO-1 on 2 GPUs, a ZeRO-3 run resumed from its checkpoint
 #          halfway, then DDP and ZeRO-2 on 1 GPU (scaling efficiency)
-#   774m   774M for 20 steps: ZeRO-3 and DDP on 2 GPUs at the recipe's micro-batch (peak memory per GPU)
+#   774m   774M for 20 steps: ZeRO-3, ZeRO-2 and DDP on 2 GPUs at the recipe's micro-batch (peak memory per GPU)
 #   774m-ckpt  the same with activation checkpointing, where model state rather than activations fills memory
 # The runs stop at a deadline (DEADLINE_S, default 540 s after the start) so that what finished comes back as
 # one archive, $OUT/scaleout.tar.gz (the device tool returns at most 8 files).
@@ -27,7 +27,7 @@ for group in "$@"; do
     case $group in
         124m) runs=(--recipe recipes/124m.yaml --steps 50
                     --runs ddp:2 zero2:2 zero3:2 zero1:2 zero3:2:resume ddp:1 zero2:1) ;;
-        774m) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 ddp:2) ;;
+        774m) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 zero2:2 ddp:2) ;;
         774m-ckpt) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 ddp:2)
                    extra=(model.activation_checkpointing=true) ;;
         *)

@@ -79,6 +79,8 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
         "overlap_comm": True,
         "contiguous_gradients": True,
     }
+    if t.zero_stage == 3:
+        zero.update(zero3_buffer_sizes(cfg.model.d_model))
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if t.offload_params:
@@ -100,6 +102,26 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
     if t.deepspeed_config:
         _merge(config, _load_user_config(Path(t.deepspeed_config)))
     return config
+
+
+def zero3_buffer_sizes(d_model: int) -> dict[str, int]:
+    """ZeRO-3's communication buffers and gathered-parameter limits scaled to the model, in elements.
+
+    DeepSpeed's defaults are sized for models of many billions: a 5e8-element gradient bucket (1 GB in bf16) and up
+    to 1e9 gathered parameters kept alive between uses, more than all of a 774M model, so every layer gathered in
+    the forward stays whole until its backward and ZeRO-3 saves no parameter memory at all. Here buckets hold about
+    one d x d matrix (the scheme of Hugging Face's "auto" values) and a gathered layer is released unless it is
+    needed again within four layers' worth of parameters (12 d^2 per layer). Override any of them through
+    trainer.deepspeed_config.
+    """
+    layer = 12 * d_model * d_model
+    return {
+        "reduce_bucket_size": d_model * d_model,
+        "stage3_prefetch_bucket_size": int(0.9 * d_model * d_model),
+        "stage3_param_persistence_threshold": 10 * d_model,  # smaller tensors (norm gains, biases) stay gathered
+        "stage3_max_live_parameters": 4 * layer,
+        "stage3_max_reuse_distance": 4 * layer,
+    }
 
 
 def _load_user_config(path: Path) -> dict[str, Any]:

@@ -58,6 +58,21 @@ def test_generated_deepspeed_config_follows_the_recipe() -> None:
     assert "offload_optimizer" not in config["zero_optimization"] and "offload_param" not in config["zero_optimization"]
 
 
+def test_zero3_buffers_scale_with_the_model_and_user_json_overrides_them(tmp_path: Path) -> None:
+    cfg = _cfg(*DEEPSPEED, "trainer.zero_stage=3", "model.d_model=128", "model.n_head=4")
+    zero = deepspeed_config(cfg, "bf16-mixed")["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 128 * 128
+    # A gathered layer (12 d^2 parameters) is released unless it is needed again within four layers.
+    assert zero["stage3_max_reuse_distance"] == zero["stage3_max_live_parameters"] == 4 * 12 * 128 * 128
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 10**9}}))
+    zero = deepspeed_config(_cfg(*DEEPSPEED, "trainer.zero_stage=3", f"trainer.deepspeed_config={user}"),
+                            "bf16-mixed")["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == 10**9
+    assert "reduce_bucket_size" not in deepspeed_config(_cfg(*DEEPSPEED, "trainer.zero_stage=2"),
+                                                        "bf16-mixed")["zero_optimization"]
+
+
 @pytest.mark.parametrize(("precision", "section"), [("32-true", None), ("16-mixed", "fp16"), ("bf16-true", "bf16")])
 def test_precision_enables_the_matching_section(precision: str, section: str | None) -> None:
     config = deepspeed_config(_cfg(*DEEPSPEED), precision)
