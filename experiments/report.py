@@ -469,9 +469,9 @@ def indirect_section(session: Session) -> str:
     return f"""## Indirect indexing
 
 Runs `indirect-pope`, `indirect-rope` of session 1: `recipes/indirect.yaml` ({model}) with the overrides of
-`experiments/paper_session.sh`, which then planned trainer.max_steps={plan} (attempt 1). Accuracy is on the answer token only; val and test each score
-{scored:,} problems ({int(pope.num("data.val_batches"))} batches of {batch}); chance is 1/{LETTERS} =
-{pct(chance)}.
+`experiments/paper_session.sh`, which then planned trainer.max_steps={plan} (attempt 1). Accuracy is on the
+answer token only; val and test each score {scored:,} problems ({int(pope.num("data.val_batches"))} batches of
+{batch}); chance is 1/{LETTERS} = {pct(chance)}.
 
 Both runs were stopped by wall time in the first call, PoPE at step {first[POPE]:,} and RoPE at step
 {first[ROPE]:,}, both still on the early plateau (val accuracy between {pct(min(plateau))} and
