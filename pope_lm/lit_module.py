@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torchmetrics import MeanMetric
 
 from pope_lm.config import OptimConfig, RunConfig, config_to_container
@@ -142,6 +143,10 @@ class LitGPT(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed's engine owns and clears them
+            # Lightning zeroes the gradients inside the next step, after its forward pass, so they would stay alive
+            # through it: one fp32 copy of the parameters on top of the activations at peak (2.9 GB at 774M).
+            self.optimizers().zero_grad(set_to_none=True)  # type: ignore[union-attr]
         self.model.clamp_phase_biases_()
         log_host_value(self, "lr", self.lr_schedulers().get_last_lr()[0])  # type: ignore[union-attr]
 
