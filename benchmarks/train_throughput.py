@@ -144,8 +144,8 @@ class _SyncProbe(L.Callback):
     """Records where the host waits for the GPU during two warm-up steps (CUDA sync debug mode).
 
     A step without synchronizations lets the host queue the next step while the GPU works, which hides Lightning's
-    Python overhead; each site found here exposes it. Prints every site (file:line, innermost pope_lm or lightning
-    frame) with its count.
+    Python overhead; each site found here exposes it. Prints every site with its count, as the innermost frame
+    (file:line) <- the innermost pope_lm or lightning frame that led to it.
     """
 
     def __init__(self, first: int, last: int) -> None:

@@ -14,7 +14,7 @@
 # indirect-indexing runs from their checkpoints (resume=auto) in a next call while the machine is still warm (its
 # /tmp holds the runs); TRAIN_TIME is their cumulative wall-time limit (Lightning's Timer state is checkpointed):
 #   TRAIN_TIME=00:00:07:50 bash experiments/paper_session.sh indirect jsb                 (first call)
-#   TRAIN_TIME=00:00:15:50 RESUME=1 bash experiments/paper_session.sh indirect           (second call)
+#   TRAIN_TIME=00:00:15:55 RESUME=1 bash experiments/paper_session.sh indirect           (second call)
 set -uo pipefail
 # shellcheck source=benchmarks/device_setup.sh
 source benchmarks/device_setup.sh

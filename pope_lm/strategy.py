@@ -109,10 +109,10 @@ def zero3_buffer_sizes(d_model: int) -> dict[str, int]:
 
     DeepSpeed's defaults are sized for models of many billions: a 5e8-element gradient bucket (1 GB in bf16) and up
     to 1e9 gathered parameters kept alive between uses, more than all of a 774M model, so every layer gathered in
-    the forward stays whole until its backward and ZeRO-3 saves no parameter memory at all. Here buckets hold about
-    one d x d matrix (the scheme of Hugging Face's "auto" values) and a gathered layer is released unless it is
-    needed again within four layers' worth of parameters (12 d^2 per layer). Override any of them through
-    trainer.deepspeed_config.
+    the forward stays whole until its backward: the whole model's bf16 weights at peak, as without ZeRO-3. Here
+    buckets hold about one d x d matrix (the scheme of Hugging Face's "auto" values) and a gathered layer is
+    released unless it is needed again within four layers' worth of parameters (12 d^2 per layer). Override any of
+    them through trainer.deepspeed_config.
     """
     layer = 12 * d_model * d_model
     return {
