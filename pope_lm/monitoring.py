@@ -28,7 +28,8 @@ def peak_flops(configured_tflops: float) -> float | None:
 
 
 class SpeedMonitor(L.Callback):
-    """Logs tokens/s (all ranks together) and MFU, averaged over the optimizer steps between log points.
+    """Logs tokens/s (all ranks together) and MFU, averaged over the optimizer steps between log points, and on a
+    GPU the peak memory PyTorch has allocated on rank 0 so far (`gpu/peak_allocated_gib`).
 
     MFU = tokens/s x model FLOPs per token / (world size x per-device peak); FLOPs per token come from
     `GPT.flops_per_token` (6N plus the attention terms, PoPE's Q K^T counted at width 2D).
@@ -56,6 +57,9 @@ class SpeedMonitor(L.Callback):
             metrics["mfu"] = tokens_per_s * self.flops_per_token / (trainer.world_size * self.peak)
         for name, value in metrics.items():
             log_host_value(pl_module, name, value, prog_bar=True, rank_zero_only=True)
+        if pl_module.device.type == "cuda":  # the caching allocator's own count: read on the host, no device sync
+            peak_gib = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            log_host_value(pl_module, "gpu/peak_allocated_gib", peak_gib, rank_zero_only=True)
         self._window_start, self._window_step = now, step
 
 
