@@ -16,8 +16,9 @@ and a second launch continues it with resume=auto: its curve should continue the
     python benchmarks/scaleout.py report OUT/*.json > benchmarks/results/scaleout_124m_h100.md
 
 `run` writes OUT/<recipe>-<spec>.json per run; `report` turns such files into a Markdown table with the scaling
-efficiency (tokens/s on 2 GPUs / 2 x tokens/s of the same strategy on 1 GPU), the peak memory per GPU and the
-largest loss difference against DDP on as many GPUs (and, for a resumed run, against its uninterrupted twin).
+efficiency (tokens/s on N GPUs / N x tokens/s of the same strategy on 1 GPU), the peak memory per GPU and the
+largest loss difference against DDP on as many GPUs, against the same strategy on one GPU (the same global batch),
+and, for a resumed run, against its uninterrupted twin.
 docs/scaling.md says how to run it through the device tool.
 """
 
@@ -177,21 +178,31 @@ def run(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     """Print the Markdown table of a set of result files."""
-    results = {r["spec"]: r for r in (json.loads(Path(f).read_text()) for f in args.results)}
+    results = {}
+    for path in args.results:
+        record = json.loads(Path(path).read_text())
+        if "spec" not in record:  # a launch's partial file: the run was stopped before it finished
+            print(f"(skipped {path}: the run did not finish)", file=sys.stderr)
+            continue
+        results[record["spec"]] = record
+    if not results:
+        raise SystemExit("error: no finished run among the result files")
     first = next(iter(results.values()))
     print(f"# Scale-out: {first['recipe']} on {first['device']} ({first['date']})\n")
     print(f"versions: {', '.join(f'{k} {v}' for k, v in first['versions'].items())}; micro-batch "
           f"{first['micro_batch_size']}, global batch {first['global_batch_size']} x {first['seq_len']} tokens; "
           f"loss = mean over ranks and micro-batches per optimizer step\n")
-    print("| run | tokens/s | per GPU | 2-GPU efficiency | peak allocated GiB (per GPU) | peak reserved GiB | "
-          "max abs loss diff vs DDP | final loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | tokens/s | per GPU | scaling efficiency | peak allocated GiB (per GPU) | peak reserved GiB | "
+          "max abs loss diff vs DDP | max abs loss diff vs 1 GPU | final loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec, r in results.items():
         strategy, gpus = spec.split(":")[:2]
-        tps, single = r["tokens_per_s"] or 0.0, results.get(f"{strategy}:1")
-        efficiency = f"{tps / (2 * single['tokens_per_s']):.1%}" if gpus == "2" and single else ""
-        print(f"| {spec} | {tps:,.0f} | {tps / int(gpus):,.0f} | {efficiency} | {max(r['peak_allocated_gib'])} | "
-              f"{max(r['peak_reserved_gib'])} | {_max_diff(r, results.get(f'ddp:{gpus}'))} | {r['losses'][-1]:.4f} |")
+        n, tps, single = int(gpus), r["tokens_per_s"] or 0.0, results.get(f"{strategy}:1")
+        # tokens/s on n GPUs over n x the same strategy's on one GPU
+        efficiency = f"{tps / (n * single['tokens_per_s']):.1%}" if n > 1 and single else ""
+        print(f"| {spec} | {tps:,.0f} | {tps / n:,.0f} | {efficiency} | {max(r['peak_allocated_gib'])} | "
+              f"{max(r['peak_reserved_gib'])} | {_max_diff(r, results.get(f'ddp:{gpus}'))} | "
+              f"{_max_diff(r, single)} | {r['losses'][-1]:.4f} |")
     for spec, r in results.items():
         if "resumed_at" in r:
             twin = results.get(spec.removesuffix(":resume"))

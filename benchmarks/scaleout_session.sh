@@ -10,6 +10,8 @@
 #          halfway, then DDP and ZeRO-2 on 1 GPU (scaling efficiency)
 #   774m   774M for 20 steps: ZeRO-3, ZeRO-2 and DDP on 2 GPUs at the recipe's micro-batch (peak memory per GPU)
 #   774m-ckpt  the same with activation checkpointing, where model state rather than activations fills memory
+#   8gpu-124m  issue 9 on an 8-GPU kind: 124M DDP on 8 GPUs and on 1 (scaling efficiency, curve vs 1 GPU), 110 steps
+#   8gpu-774m  issue 9: 774M ZeRO-2 and ZeRO-3 on 8 GPUs, ZeRO-2 on 1, 110 steps (100 timed after 10 of warm-up)
 # The runs stop at a deadline (DEADLINE_S, default 540 s after the start) so that what finished comes back as
 # one archive, $OUT/scaleout.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
@@ -30,8 +32,11 @@ for group in "$@"; do
         774m) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 zero2:2 ddp:2) ;;
         774m-ckpt) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 ddp:2)
                    extra=(model.activation_checkpointing=true) ;;
+        8gpu-124m) runs=(--recipe recipes/124m.yaml --steps 110 --warmup 10 --runs ddp:8 ddp:1)
+                   extra=(trainer.micro_batch_size=8) ;;  # 64 sequences = 8 GPUs x 8, or 8 micro-batches on one
+        8gpu-774m) runs=(--recipe recipes/774m.yaml --steps 110 --warmup 10 --runs zero2:8 zero3:8 zero2:1) ;;
         *)
-            echo "usage: benchmarks/scaleout_session.sh GROUP... (124m, 774m, 774m-ckpt)" >&2
+            echo "usage: benchmarks/scaleout_session.sh GROUP... (124m, 774m, 774m-ckpt, 8gpu-124m, 8gpu-774m)" >&2
             exit 2
             ;;
     esac
@@ -41,6 +46,6 @@ for group in "$@"; do
     timeout "$left" python3 benchmarks/scaleout.py run "${runs[@]}" --out "$RESULTS/$group" \
         --runs-dir "/tmp/runs/$group" -- data.dataset=.gpu/shakespeare data.val_batches=1 "${extra[@]}" 2>&1 |
         tee "$RESULTS/$group.log" | grep -v -i "warn" | grep -E "^\+|Error|error" | cut -c1-300
-    python3 benchmarks/scaleout.py report "$RESULTS/$group"/*.json
+    python3 benchmarks/scaleout.py report "$RESULTS/$group"/*.json  # skips the partial file of a run cut short
 done
 tar -czf "$OUT/scaleout.tar.gz" -C "$RESULTS" .
