@@ -36,6 +36,7 @@ declare -A PID
 
 PARTS=" ${*:-indirect jsb extrapolation} "
 RESUME=${RESUME:-0}
+INDIRECT_STEPS=${INDIRECT_STEPS:-50000}  # the length of indirect indexing's cosine schedule (session 1: 25000)
 
 # Indirect indexing. The paper: batch 64, lr 2e-4, 100k steps. Here the step is launch-bound, so batch 256
 # costs the same time per step as 64: 4x the samples per second, with the lr scaled by 2 (sqrt of 4), and a
@@ -43,7 +44,8 @@ RESUME=${RESUME:-0}
 if [[ $PARTS == *" indirect "* ]]; then
     [ -d "$DATA/indirect" ] || python3 -m pope_lm.cli prepare indirect --out "$DATA/indirect"
     indirect=(data.dataset="$DATA/indirect" trainer.global_batch_size=256 trainer.micro_batch_size=256
-        optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps=50000 trainer.max_time="$TRAIN_TIME"
+        optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps="$INDIRECT_STEPS"
+        trainer.max_time="$TRAIN_TIME"
         trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true)
     [ "$RESUME" = 1 ] && indirect+=(resume=auto)
     train indirect-pope recipes/indirect.yaml "${indirect[@]}"

