@@ -132,6 +132,14 @@ class Session:
             raise SystemExit(f"error: {self.results / log}.log has no 'done: step N' line")
         return step
 
+    def indirect_time_limits(self) -> tuple[int, int]:
+        """Indirect indexing's trainer.max_time in seconds: the first call's, and both calls' together (Lightning's
+        timer is checkpointed), as PoPE's logs report running into them."""
+        call1, limit = self.logs["indirect-pope.first-call"].elapsed_s, self.logs["indirect-pope"].elapsed_s
+        if call1 is None or limit is None:
+            raise SystemExit(f"error: {self.results}/indirect-pope*.log do not say when trainer.max_time stopped it")
+        return call1, limit
+
 
 def read_session(results: Path, plots: Path) -> Session:
     def rows(name: str) -> list[dict[str, str]]:
@@ -318,8 +326,8 @@ def wall_time(session: Session, name: str) -> str:
     log = session.logs[name]
     if name.startswith("indirect"):  # trainer.max_time, then resumed
         call1 = session.logs[f"{name}.first-call"].elapsed_s
-        limit = session.logs["indirect-pope"].elapsed_s  # the second call's limit: PoPE ran into it
-        assert call1 is not None and limit is not None
+        _, limit = session.indirect_time_limits()
+        assert call1 is not None
         call2 = mmss(limit - call1) if log.elapsed_s else f"< {mmss(limit - call1)}"
         return f"{mmss(call1)} + {call2}"
     if NEXT_STAGE[name] not in session.logs:  # the session ended with this stage: nothing dates its end
@@ -356,9 +364,7 @@ def runs_table(session: Session) -> str:
 def setup_section(report: Report) -> str:
     session = report.base
     card, driver, versions = card_of(session)
-    call1 = session.logs["indirect-pope.first-call"].elapsed_s
-    limit = session.logs["indirect-pope"].elapsed_s
-    assert call1 is not None and limit is not None
+    call1, limit = session.indirect_time_limits()
     return f"""## Card, software and budget
 
 Session 1 (`{session.results.as_posix()}/`):
@@ -537,8 +543,7 @@ def indirect_retry(first: Session, number: int, retry: Session) -> str:
     end_n = last[POPE, number]
     train_n, val_n = train_accuracy_before(pope_n, end_n), curves[POPE, number][max(curves[POPE, number])]
     passes = {key: last[key] * batch / TRAIN_PROBLEMS for key in runs}
-    call1, limit = retry.logs["indirect-pope.first-call"].elapsed_s, retry.logs["indirect-pope"].elapsed_s
-    assert call1 is not None and limit is not None
+    call1, limit = retry.indirect_time_limits()
 
     def draw(fig: Figure) -> None:
         ax = fig.subplots()
