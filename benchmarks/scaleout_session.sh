@@ -10,8 +10,9 @@
 #          halfway, then DDP and ZeRO-2 on 1 GPU (scaling efficiency)
 #   774m   774M for 20 steps: ZeRO-3, ZeRO-2 and DDP on 2 GPUs at the recipe's micro-batch (peak memory per GPU)
 #   774m-ckpt  the same with activation checkpointing, where model state rather than activations fills memory
-#   8gpu-124m  issue 9 on an 8-GPU kind: 124M DDP on 8 GPUs and on 1 (scaling efficiency, curve vs 1 GPU), 110 steps
-#   8gpu-774m  issue 9: 774M ZeRO-2 and ZeRO-3 on 8 GPUs, ZeRO-2 on 1, 110 steps (100 timed after 10 of warm-up)
+#   Ngpu-124m  issue 9 on an N-GPU kind (N = 4 or 8): 124M DDP on N GPUs and on 1 at micro-batch 64/N (scaling
+#              efficiency, curve vs 1 GPU at the same global batch), 110 steps (100 timed after 10 of warm-up)
+#   Ngpu-774m  issue 9: 774M ZeRO-2 on N GPUs and on 1, then ZeRO-3 on N, 110 steps
 # The runs stop at a deadline (DEADLINE_S, default 540 s after the start) so that what finished comes back as
 # one archive, $OUT/scaleout.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
@@ -20,6 +21,7 @@ source benchmarks/device_setup.sh
 DEADLINE_S=${DEADLINE_S:-540}
 RESULTS=/tmp/scaleout
 mkdir -p "$RESULTS"
+nvidia-smi topo -m >"$RESULTS/topology.txt" 2>&1  # NVLink or PCIe between the GPUs: it sets the collectives' speed
 
 # The prepared Shakespeare dataset (.gpu/shakespeare): the machine has no network. One validation batch at
 # the start keeps the runs short; the measured steps exclude it.
@@ -32,11 +34,14 @@ for group in "$@"; do
         774m) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 zero2:2 ddp:2) ;;
         774m-ckpt) runs=(--recipe recipes/774m.yaml --steps 20 --warmup 5 --runs zero3:2 ddp:2)
                    extra=(model.activation_checkpointing=true) ;;
-        8gpu-124m) runs=(--recipe recipes/124m.yaml --steps 110 --warmup 10 --runs ddp:8 ddp:1)
-                   extra=(trainer.micro_batch_size=8) ;;  # 64 sequences = 8 GPUs x 8, or 8 micro-batches on one
-        8gpu-774m) runs=(--recipe recipes/774m.yaml --steps 110 --warmup 10 --runs zero2:8 zero3:8 zero2:1) ;;
+        [48]gpu-124m) n=${group%%gpu-*}  # 64 sequences = N GPUs x 64/N, or 64/N-sequence micro-batches on one
+                      runs=(--recipe recipes/124m.yaml --steps 110 --warmup 10 --runs "ddp:$n" ddp:1)
+                      extra=("trainer.micro_batch_size=$((64 / n))") ;;
+        [48]gpu-774m) n=${group%%gpu-*}
+                      runs=(--recipe recipes/774m.yaml --steps 110 --warmup 10 --runs "zero2:$n" zero2:1 "zero3:$n") ;;
         *)
-            echo "usage: benchmarks/scaleout_session.sh GROUP... (124m, 774m, 774m-ckpt, 8gpu-124m, 8gpu-774m)" >&2
+            echo "usage: benchmarks/scaleout_session.sh GROUP... (124m, 774m, 774m-ckpt, 4gpu-124m, 4gpu-774m," \
+                "8gpu-124m, 8gpu-774m)" >&2
             exit 2
             ;;
     esac
