@@ -36,7 +36,8 @@ declare -A PID
 
 PARTS=" ${*:-indirect jsb extrapolation} "
 RESUME=${RESUME:-0}
-INDIRECT_STEPS=${INDIRECT_STEPS:-50000}  # the length of indirect indexing's cosine schedule (session 1: 25000)
+INDIRECT_STEPS=${INDIRECT_STEPS:-50000}  # indirect indexing's trainer.max_steps (session 1: 25000)
+INDIRECT_DECAY=${INDIRECT_DECAY:-0}  # its optim.decay_steps: the cosine ends there, then min_lr (0: at max_steps)
 
 # Indirect indexing. The paper: batch 64, lr 2e-4, 100k steps. Here the step is launch-bound, so batch 256
 # costs the same time per step as 64: 4x the samples per second, with the lr scaled by 2 (sqrt of 4), and a
@@ -45,7 +46,7 @@ if [[ $PARTS == *" indirect "* ]]; then
     [ -d "$DATA/indirect" ] || python3 -m pope_lm.cli prepare indirect --out "$DATA/indirect"
     indirect=(data.dataset="$DATA/indirect" trainer.global_batch_size=256 trainer.micro_batch_size=256
         optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps="$INDIRECT_STEPS"
-        trainer.max_time="$TRAIN_TIME"
+        optim.decay_steps="$INDIRECT_DECAY" trainer.max_time="$TRAIN_TIME"
         trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true)
     [ "$RESUME" = 1 ] && indirect+=(resume=auto)
     train indirect-pope recipes/indirect.yaml "${indirect[@]}"

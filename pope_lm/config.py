@@ -45,6 +45,7 @@ class OptimConfig:
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 1000
+    decay_steps: int = 0  # the cosine reaches min_lr at this step and stays there; 0: at trainer.max_steps
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -189,6 +190,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"'optim.min_lr' must be in [0, optim.lr]; got {cfg.optim.min_lr}")
     if cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0 or cfg.optim.weight_decay < 0:
         raise ConfigError("'optim.warmup_steps', 'optim.grad_clip' and 'optim.weight_decay' must be >= 0")
+    if cfg.optim.decay_steps and cfg.optim.decay_steps <= cfg.optim.warmup_steps:
+        raise ConfigError(f"'optim.decay_steps' must be 0 (decay until trainer.max_steps) or more than "
+                          f"'optim.warmup_steps' ({cfg.optim.warmup_steps}); got {cfg.optim.decay_steps}")
     if not math.isfinite(m.theta) or m.theta <= 1.0:
         raise ConfigError(f"'model.theta' must be a finite number > 1; got {m.theta}")
     if m.rope_scaling_factor < 1.0:

@@ -27,10 +27,12 @@ IGNORE = -100  # cross_entropy's ignore_index: targets that are not scored
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to min_lr at decay_steps (default: max_steps),
+    then min_lr until the end."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    decay_end = cfg.decay_steps or max_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, decay_end - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 

@@ -41,6 +41,7 @@ def test_flatten_gives_dotted_keys():
         (["model.n_head=3"], "'model.n_head' x 'model.head_dim' must equal 'model.d_model'"),
         (["trainer.max_steps"], "not of the form key=value"),
         (["optim.min_lr=1.0"], "'optim.min_lr' must be in [0, optim.lr]"),
+        (["optim.warmup_steps=10", "optim.decay_steps=10"], "'optim.decay_steps' must be 0 (decay until"),
         (["trainer.max_time=8min"], "'trainer.max_time' must read DD:HH:MM:SS; got '8min'"),
         (["trainer.test_on=best"], "'trainer.test_on' best needs checkpoint.keep_best=true"),
         (["trainer.test_on=first"], "'trainer.test_on' must be one of last, best"),

@@ -1,4 +1,5 @@
-"""LitGPT's optimizer step under a Lightning Trainer on the CPU: what it frees and what it accumulates."""
+"""LitGPT's optimizer: the learning-rate schedule, and its step under a Lightning Trainer on the CPU (what it frees
+and what it accumulates)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,24 @@ import lightning as L
 import torch
 from launch_helpers import TINY
 
-from pope_lm.config import load_config
-from pope_lm.lit_module import LitGPT
+from pope_lm.config import OptimConfig, load_config
+from pope_lm.lit_module import LitGPT, lr_at
 
 SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.head_dim=16", "data.seq_len=16",
          "model.vocab_size=64", "optim.warmup_steps=1"]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr_at_max_steps() -> None:
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg, 110) == 0.1 and lr_at(9, cfg, 110) == 1.0
+    assert lr_at(60, cfg, 110) == 0.55  # halfway through the cosine
+    assert lr_at(110, cfg, 110) == 0.1
+
+
+def test_decay_steps_end_the_cosine_early_and_hold_min_lr_until_the_end() -> None:
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=60)
+    assert lr_at(35, cfg, 1000) == lr_at(60, OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10), 110) == 0.55
+    assert [lr_at(step, cfg, 1000) for step in (60, 500, 999)] == [0.1, 0.1, 0.1]
 
 
 class _GradientsAfterStep(L.Callback):
