@@ -118,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
         t = cfg.trainer
         probe.result.update(
             recipe=Path(args.recipe).stem, strategy=t.strategy, zero_stage=t.zero_stage if t.strategy == "deepspeed"
-            else None, gpus=t.devices * t.num_nodes, micro_batch_size=t.micro_batch_size,
+            else None, gpus=t.devices * t.num_nodes, stop_at=args.stop_at, micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size, seq_len=cfg.data.seq_len, precision=t.precision,
             device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
             versions=_versions(), date=datetime.date.today().isoformat(),
@@ -181,9 +181,14 @@ def report(args: argparse.Namespace) -> None:
     results = {}
     for path in args.results:
         record = json.loads(Path(path).read_text())
-        if "spec" not in record:  # a launch's partial file: the run was stopped before it finished
-            print(f"(skipped {path}: the run did not finish)", file=sys.stderr)
-            continue
+        if "spec" not in record:  # a launch's own file, which `run` labels and renames once the launch has exited
+            if record.get("stop_at", 0) is not None or record["first_step"] != 1:  # cut short, or a resumed half
+                print(f"(skipped {path}: the run did not finish)", file=sys.stderr)
+                continue
+            # A whole run whose worker wrote its result before the launcher was stopped (a session's deadline).
+            strategy = "ddp" if record["strategy"] == "ddp" else f"zero{record['zero_stage']}"
+            record["spec"] = f"{strategy}:{record['gpus']}"
+            print(f"(read {path} as {record['spec']}: it finished, its launcher was stopped after)", file=sys.stderr)
         results[record["spec"]] = record
     if not results:
         raise SystemExit("error: no finished run among the result files")

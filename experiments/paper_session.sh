@@ -48,7 +48,18 @@ if [[ $PARTS == *" indirect "* ]]; then
         optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps="$INDIRECT_STEPS"
         optim.decay_steps="$INDIRECT_DECAY" trainer.max_time="$TRAIN_TIME"
         trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true)
-    [ "$RESUME" = 1 ] && indirect+=(resume=auto)
+    if [ "$RESUME" = 1 ]; then
+        # resume=auto starts afresh where no checkpoint exists, which here (a machine given back between calls:
+        # /tmp is empty) would spend the whole call re-training what is lost and bring nothing back in time.
+        for run in indirect-pope indirect-rope; do
+            compgen -G "$RUNS/$run/checkpoints/step-*.ckpt" >/dev/null || {
+                echo "error: RESUME=1 but $RUNS/$run has no checkpoint: the machine was given back since the" \
+                    "last call; start again without RESUME" >&2
+                exit 2
+            }
+        done
+        indirect+=(resume=auto)
+    fi
     train indirect-pope recipes/indirect.yaml "${indirect[@]}"
     train indirect-rope recipes/indirect.yaml model.position=rope "${indirect[@]}"
 fi
