@@ -44,7 +44,8 @@ TABLE_EVERY = 2000  # steps between the rows of the indirect-indexing learning-c
 GAP_POINTS = 5.0  # the accuracy lead (points) at which PoPE counts as pulling away
 POPE, ROPE, YARN, YARN_FT = "PoPE", "RoPE", "RoPE+YaRN (s=10)", "RoPE+YaRN ft4096"  # eval-length's --labels
 PLOTS = "results"  # the plots' folder, beside the markdown
-RESULTS = (Path("experiments/results/2026-11-25-h100"), Path("experiments/results/2026-11-26-h100"))
+RESULTS = (Path("experiments/results/2026-11-25-h100"), Path("experiments/results/2026-11-26-h100"),
+           Path("experiments/results/2026-11-26-h100-indirect-attempt3"))
 RUNS = ("indirect-pope", "indirect-rope", "jsb-pope", "jsb-rope", "extrapolation-pope", "extrapolation-rope",
         "extrapolation-rope-yarn-ft4096")
 # The log that starts after each run has ended (experiments/paper_session.sh runs these stages one after another).
@@ -132,6 +133,10 @@ class Session:
             raise SystemExit(f"error: {self.results / log}.log has no 'done: step N' line")
         return step
 
+    def resumed(self, run: str) -> bool:
+        """Whether a second call resumed the run (its first call's log is kept as `<run>.first-call.log`)."""
+        return f"{run}.first-call" in self.logs
+
     def indirect_time_limits(self) -> tuple[int, int]:
         """Indirect indexing's trainer.max_time in seconds: the first call's, and both calls' together (Lightning's
         timer is checkpointed), as PoPE's logs report running into them."""
@@ -175,6 +180,13 @@ class Report:
         return [s for s in self.sessions if "jsb-pope" in s.runs][-1]
 
     @property
+    def plateau_top(self) -> float:
+        """The highest val accuracy of either attempt-1 indirect-indexing run during its first call, on the plateau."""
+        first = self.base
+        return max(v for name in ("indirect-pope", "indirect-rope") for s, v in first.runs[name].curve("val/accuracy")
+                   if 0 < s <= first.step(f"{name}.first-call"))
+
+    @property
     def retries(self) -> list[Session]:
         """Later sessions that trained indirect indexing again."""
         return [s for s in self.sessions[1:] if "indirect-pope" in s.runs]
@@ -199,6 +211,10 @@ def mmss(seconds: float) -> str:
 def sci(x: float, digits: int = 0) -> str:
     """A learning rate as 6e-4."""
     return f"{x:.{digits}e}".replace("e-0", "e-")
+
+
+def upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def yes(ok: bool) -> str:
@@ -276,8 +292,8 @@ def header(report: Report) -> str:
     return f"""# Results: the paper's claims at small scale
 
 PoPE against RoPE on the paper's indirect-indexing task, on JSB chorales and on length extrapolation
-(Gopalakrishnan et al., arXiv 2509.10534; issue 7), run on one H100 in {len(report.sessions)} sessions of two
-device calls each. Every number of ours below is computed by `experiments/report.py` from the committed results
+(Gopalakrishnan et al., arXiv 2509.10534; issue 7), run on one H100 in {len(report.sessions)} sessions of one or
+two device calls. Every number of ours below is computed by `experiments/report.py` from the committed results
 in {folders} (MLflow exports, training logs, eval-length's CSVs); the paper's numbers are quoted from the paper.
 One seed per run.
 """
@@ -301,12 +317,11 @@ def summary_section(report: Report) -> str:
          f"PoPE ≥ {pct(ISSUE_POPE_ACC)}: {yes(pope_acc >= ISSUE_POPE_ACC)}; RoPE ≤ {pct(ISSUE_ROPE_ACC)}: "
          f"{yes(rope_acc <= ISSUE_ROPE_ACC)}; curves and gap shown (PoPE ahead by {gap:.1f} points at {step:,} "
          "steps)"],
-        *([f"indirect indexing, test accuracy, attempt {n} (cosine over "
-           f"{int(retry.runs['indirect-pope'].num('trainer.max_steps')):,} steps, stopped at "
+        *([f"indirect indexing, test accuracy, attempt {n} ({schedule(retry.runs['indirect-pope'])}, stopped at "
            f"{retry.step('indirect-pope'):,} / {retry.step('indirect-rope'):,})", "", "",
            pct(retry.runs["indirect-rope"].test("test/accuracy")[-1][1]),
-           pct(retry.runs["indirect-pope"].test("test/accuracy")[-1][1]), "as above",
-           "**no**: neither left the plateau (see below)"] for n, retry in enumerate(report.retries, start=2)),
+           pct(retry.runs["indirect-pope"].test("test/accuracy")[-1][1]), "as above", retry_verdict(report, retry)]
+          for n, retry in enumerate(report.retries, start=2)),
         [f"JSB chorales, test NLL at the best validation (step {tested[POPE]:,} / {tested[ROPE]:,})",
          f"{PAPER_JSB[ROPE]:.4f}", f"{PAPER_JSB[POPE]:.4f}", f"{rope_nll:.4f}", f"{pope_nll:.4f}",
          "both test NLLs; PoPE below RoPE in the paper",
@@ -321,9 +336,34 @@ def summary_section(report: Report) -> str:
     return "## Summary\n\n" + table(head, rows) + "\n"
 
 
+def schedule(run: Run) -> str:
+    """An indirect-indexing run's lr schedule in words (exports from before optim.decay_steps lack the key)."""
+    steps, decay = int(run.num("trainer.max_steps")), int(float(run.params.get("optim.decay_steps", 0)))
+    if decay:
+        return f"cosine over {decay:,} steps, then the min lr"
+    return f"cosine over {steps:,} steps"
+
+
+def left_plateau(report: Report, run: Run) -> bool:
+    """Whether a run's val accuracy rose more than GAP_POINTS above attempt 1's plateau."""
+    return max(v for _, v in run.curve("val/accuracy")) > report.plateau_top + GAP_POINTS / 100
+
+
+def retry_verdict(report: Report, retry: Session) -> str:
+    pope, rope = retry.runs["indirect-pope"], retry.runs["indirect-rope"]
+    pope_acc, rope_acc = pope.test("test/accuracy")[-1][1], rope.test("test/accuracy")[-1][1]
+    if pope_acc >= ISSUE_POPE_ACC and rope_acc <= ISSUE_ROPE_ACC:
+        return "yes"
+    if not left_plateau(report, pope) and not left_plateau(report, rope):
+        return "**no**: neither left the plateau (see below)"
+    return f"**no**: PoPE {pct(pope_acc)} (see below)"
+
+
 def wall_time(session: Session, name: str) -> str:
     """A run's wall time as its logs tell it (m:ss)."""
     log = session.logs[name]
+    if name.startswith("indirect") and not session.resumed(name):  # one call, under trainer.max_time
+        return mmss(log.elapsed_s) if log.elapsed_s else "-"
     if name.startswith("indirect"):  # trainer.max_time, then resumed
         call1 = session.logs[f"{name}.first-call"].elapsed_s
         _, limit = session.indirect_time_limits()
@@ -354,7 +394,7 @@ def runs_table(session: Session) -> str:
             per_step *= int(run.num("data.seq_len"))
             unit = "tokens"
         stop = "time limit" if log.elapsed_s else f"max_steps ({int(run.num('trainer.max_steps')):,})"
-        if name.startswith("indirect"):
+        if name.startswith("indirect") and session.resumed(name):
             stop = f"time limit at step {session.step(f'{name}.first-call'):,}, then {stop}"
         rows.append([name, f"{step:,}", f"{step * per_step / 1e6:.2f}M {unit} ({per_step:,} per step)",
                      wall_time(session, name), stop, run.status])
@@ -382,17 +422,23 @@ when); for the others, the gap between the first time stamps of a run's log and 
 bound that includes start-up and the test pass.
 
 {runs_table(session)}
-""" + "".join(later_setup(n, later) for n, later in enumerate(report.sessions[1:], start=2))
+""" + "".join(later_setup(report, n, later) for n, later in enumerate(report.sessions[1:], start=2))
 
 
-def later_setup(number: int, session: Session) -> str:
+def later_setup(report: Report, number: int, session: Session) -> str:
     card, driver, versions = card_of(session)
     ran = " and ".join(sorted({name.split("-")[0] for name in session.runs}))
+    calls = ("the first call trained them side by side, the second resumed the two indirect-indexing runs alone"
+             if session.resumed("indirect-pope") else "one call trained them side by side")
+    parts = []
+    if "jsb-pope" in session.runs:
+        parts.append("its JSB runs replace the first session's below")
+    if session in report.retries:
+        attempt = report.retries.index(session) + 2
+        parts.append(f"its indirect-indexing runs are attempt {attempt} ({schedule(session.runs['indirect-pope'])})")
     return f"""
 Session {number} (`{session.results.as_posix()}/`, {card}, driver {driver}, {versions}; `card.txt` written
-{session.card[2]}) ran {ran} again: the first call trained them side by side, the second resumed the two
-indirect-indexing runs alone. Its JSB runs replace the first session's below; its indirect-indexing runs are a
-second attempt with a longer schedule.
+{session.card[2]}) ran {ran} again: {calls}. {upper_first("; ".join(parts))}.
 
 {runs_table(session)}
 """
@@ -523,14 +569,15 @@ Differences from the paper:
 
 
 def indirect_retry_section(report: Report) -> str:
-    return "".join(indirect_retry(report.base, n, retry) for n, retry in enumerate(report.retries, start=2))
+    return "".join(indirect_retry(report, n, retry) for n, retry in enumerate(report.retries, start=2))
 
 
-def indirect_retry(first: Session, number: int, retry: Session) -> str:
+def indirect_retry(report: Report, number: int, retry: Session) -> str:
     """A later indirect-indexing attempt against the first: schedule, test passes, curves at equal steps."""
+    first = report.base
     runs = {(m, a): s.runs[f"indirect-{m.lower()}"] for m in (POPE, ROPE) for a, s in ((1, first), (number, retry))}
     curves = {key: dict(run.curve("val/accuracy")) for key, run in runs.items()}
-    plan = {a: int(runs[POPE, a].num("trainer.max_steps")) for a in (1, number)}
+    plan = {a: schedule(runs[POPE, a]) for a in (1, number)}
     batch = int(runs[POPE, number].num("trainer.global_batch_size"))
     last = {key: (first if key[1] == 1 else retry).step(run.name) for key, run in runs.items()}
     grid = [s for s in sorted(set.intersection(*(set(c) for c in curves.values()))) if s and s % TABLE_EVERY == 0]
@@ -543,14 +590,41 @@ def indirect_retry(first: Session, number: int, retry: Session) -> str:
     end_n = last[POPE, number]
     train_n, val_n = train_accuracy_before(pope_n, end_n), curves[POPE, number][max(curves[POPE, number])]
     passes = {key: last[key] * batch / TRAIN_PROBLEMS for key in runs}
-    call1, limit = retry.indirect_time_limits()
+    if retry.resumed("indirect-pope"):
+        call1, limit = retry.indirect_time_limits()
+        shared = " shared with the JSB pair" if "jsb-pope" in retry.runs else ""
+        calls = (f"trained for {mmss(call1)} in a first call{shared} and resumed for {mmss(limit - call1)} in a "
+                 f"second (trainer.max_time {mmss(limit)} in all)")
+    else:
+        calls = (f"trained for {mmss(retry.logs['indirect-pope'].elapsed_s or 0)} in one call (no second call "
+                 f"resumed them; the folder's README.md says why)")
+    stopped = {m: "the wall-time limit" if retry.logs[runs[m, number].name].elapsed_s else "max_steps"
+               for m in (POPE, ROPE)}
+    stops = (f"both stopped by {stopped[POPE]}" if stopped[POPE] == stopped[ROPE]
+             else f"stopped by {stopped[POPE]} and {stopped[ROPE]}")
+    left = [m for m in (POPE, ROPE) if left_plateau(report, runs[m, number])]
+    outcome = ("Neither model left the plateau." if not left else
+               f"{' and '.join(left)} left the plateau (val accuracy more than {GAP_POINTS:.0f} points above "
+               f"attempt 1's plateau top of {pct(report.plateau_top)}).")
+    if train_n - val_n > GAP_POINTS / 100:
+        outcome += (f" PoPE's train accuracy over its last {TRAIN_WINDOW:,} steps was {pct(train_n)} while its val "
+                    f"accuracy was {pct(val_n)}: after {passes[POPE, number]:.1f} passes over the "
+                    f"{TRAIN_PROBLEMS:,} training problems it was memorizing them rather than learning the rule.")
+    lr_pulled, lr_end = lr_at_step(pope1, pulls), lr_at_step(pope_n, end_n)
+    if lr_end > lr_pulled:
+        lr_note = f"attempt {number} never got that low (lr {sci(lr_end, 1)} at its last step)"
+    elif end_n < pulls:
+        lr_note = (f"attempt {number} got that low (lr {sci(lr_end, 1)} at its last step) but stopped at step "
+                   f"{end_n:,}, before step {pulls:,}")
+    else:
+        lr_note = f"attempt {number} reached that lr too (lr {sci(lr_end, 1)} at its last step)"
 
     def draw(fig: Figure) -> None:
         ax = fig.subplots()
         for (model, attempt), curve in curves.items():
             ax.plot(list(curve), [100 * v for v in curve.values()], color=COLORS[model],
                     ls="-" if attempt == 1 else "--", marker="." if attempt == 1 else "",
-                    label=f"{model}, attempt {attempt} (cosine over {plan[attempt]:,})")
+                    label=f"{model}, attempt {attempt} ({plan[attempt]})")
         ax.axhline(100 / LETTERS, color="gray", ls="-.", lw=1, label=f"chance (1/{LETTERS})")
         ax.set(xlabel=f"optimizer step (batch {batch})", ylabel="val answer accuracy (%)", ylim=(0, 100),
                title="Indirect indexing: two schedules")
@@ -558,24 +632,17 @@ def indirect_retry(first: Session, number: int, retry: Session) -> str:
 
     figure(retry.plots / f"indirect_attempt{number}.png", draw)
     return f"""
-### Attempt {number}: a schedule twice as long (`{retry.results.as_posix()}/`)
+### Attempt {number}: {plan[number]} (`{retry.results.as_posix()}/`)
 
-The same runs with cosine decay over {plan[number]:,} instead of {plan[1]:,} steps (everything else as in
-attempt 1; `experiments/paper_session.sh`), trained for {mmss(call1)} in a first call shared with the JSB
-pair and resumed for {mmss(limit - call1)} in a second (trainer.max_time {mmss(limit)} in all).
-PoPE reached step {last[POPE, number]:,} and RoPE {last[ROPE, number]:,}, both stopped by the
-wall-time limit. The test split, scored at the end of each call:
+The same runs with another lr schedule ({plan[number]}; attempt 1: {plan[1]}), everything else as in
+attempt 1 (`experiments/paper_session.sh`), {calls}. PoPE reached step {last[POPE, number]:,} and RoPE
+{last[ROPE, number]:,}, {stops}. The test split, scored at the end of each call:
 
 {table(INDIRECT_TEST_HEAD, indirect_test_rows({POPE: pope_n, ROPE: runs[ROPE, number]}))}
 
-Neither model left the plateau. PoPE's train accuracy over its last {TRAIN_WINDOW:,} steps was {pct(train_n)}
-while its val accuracy was {pct(val_n)}: after {passes[POPE, number]:.1f} passes over the
-{TRAIN_PROBLEMS:,} training problems it was memorizing them rather than learning the rule. In attempt 1 PoPE's
-lead first exceeded {GAP_POINTS:.0f} points at step {pulls:,}, when its lr had decayed to
-{sci(lr_at_step(pope1, pulls), 1)} ({passes[POPE, 1]:.1f} passes by its end); attempt {number} never got
-that low (lr {sci(lr_at_step(pope_n, end_n), 1)} at its last step). With one seed per attempt this does not
-separate the schedule from the seed; the longer schedule would need more steps than two calls give. Attempt 1
-stays the result of this experiment.
+{outcome} In attempt 1 PoPE's lead first exceeded {GAP_POINTS:.0f} points at step {pulls:,}, when its lr had
+decayed to {sci(lr_pulled, 1)} ({passes[POPE, 1]:.1f} passes by its end); {lr_note}. With one seed per attempt
+this does not separate the schedule from the seed. Attempt 1 stays the result of this experiment.
 
 {table(head, rows)}
 
@@ -800,6 +867,14 @@ run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"],
     command="TRAIN_TIME=00:00:07:50 bash experiments/paper_session.sh indirect jsb")
 run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"],
     command="TRAIN_TIME=00:00:15:55 RESUME=1 bash experiments/paper_session.sh indirect")
+```
+
+Session 3 ran attempt 3 of indirect indexing alone (its second call, with `TRAIN_TIME=00:00:16:05 RESUME=1`,
+found a fresh machine and brought nothing back):
+
+```
+run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="INDIRECT_STEPS=60000 INDIRECT_DECAY=20000 "
+    "TRAIN_TIME=00:00:08:00 bash experiments/paper_session.sh indirect")
 ```
 
 The logs committed are filtered: carriage-return progress lines and blank lines removed.
