@@ -7,28 +7,36 @@ How the training stream is laid out (all of it a pure function of seed, dataset 
   tokens [i * seq_len, i * seq_len + seq_len + 1). Windows never cross shard boundaries.
 - Shard order. Epoch e visits the train shards in a permutation drawn from (seed, e); concatenating the
   epochs gives an endless sequence of shard visits, position p = e * n_shards + index.
-- Slots. Each (rank, worker role) pair is a slot s = rank * workers + role. Slot s takes the visits
-  p = base + s, base + s + S, base + s + 2S, ... (S = ranks x workers), so within an epoch every shard
-  goes to exactly one slot, and every slot gets visits forever: no rank ever runs dry (no DDP hang).
+- Streams. V streams share the visits: stream v takes p = base + v, base + v + V, base + v + 2V, ..., so
+  within an epoch every shard goes to exactly one stream, and every stream gets visits forever: no rank ever
+  runs dry (no DDP hang). By default (data.streams = 0) there is one stream per slot, i.e. per (rank, worker
+  role) pair: V = ranks x workers and slot s = rank * workers + role is stream s. With data.streams = N the
+  streams are fixed and the order is global: training micro-batch u (counted over all ranks, an optimizer
+  step taking the ranks' micro-batches in turn: rank r's batch j is u = j * ranks + r) is micro-batch u // N
+  of stream u % N. Every optimizer step then holds the same samples on any number of ranks and workers whose
+  product divides N, so runs on 1 and on 8 GPUs follow the same curve, and a run can resume on another
+  number of GPUs. Each worker role reads N / (ranks x workers) streams in turn.
 - Shuffle. A visit cuts the shard's windows into consecutive chunks of `shuffle_buffer` windows and emits
   each chunk in a permutation drawn from (seed, p, chunk). A chunk shuffle rather than a reservoir buffer
   keeps the loader state a single counter instead of a buffer of samples per worker.
-- Batches. Each worker yields whole micro-batches of consecutive samples of its slot; the DataLoader takes
+- Batches. Each worker yields whole micro-batches of consecutive samples of a stream; the DataLoader takes
   batches from its workers round-robin, so batch j of a rank comes from worker role j % workers.
 
 Resume. The state is the number of micro-batches the training loop consumed (counted in
 `on_after_batch_transfer`, so batches that workers prefetched but the loop never used do not count),
-plus `base`. From that count every slot's position follows: role r delivered ceil((n - r) / workers)
-batches, i.e. a known number of samples, which locates its shard visit and the offset inside it by
-arithmetic on the manifest's token counts. The resumed loader opens that shard directly, passes over
-the blocks before the offset without decoding them, and rotates its worker roles so that its first batch
-comes from the role that was next. Consumed shards are never re-read. The count is the same on every
-rank, so the rank-0 checkpoint restores all ranks.
+plus `base`. From that count every stream's position follows (per slot: role r delivered ceil((n - r) /
+workers) batches; fixed streams: stream v delivered ceil((n x ranks - v) / N)), i.e. a known number of
+samples, which locates its shard visit and the offset inside it by arithmetic on the manifest's token
+counts. The resumed loader opens that shard directly, passes over the blocks before the offset without
+decoding them, and rotates its worker roles so that its first batch comes from the role that was next.
+Consumed shards are never re-read. The count is the same on every rank, so the rank-0 checkpoint restores
+all ranks.
 
-Changing world size, workers, micro-batch size, seq_len, shuffle_buffer or seed changes the layout.
+Changing world size, workers, micro-batch size, seq_len, shuffle_buffer, streams or seed changes the layout;
+with fixed streams a new world size or worker count does not (the count is shared out over the new ranks).
 `data.layout_change=refuse` (default) stops with a message; `next_epoch` re-partitions
 deterministically: the stream restarts with the new layout at the start of the epoch after the furthest
-one any old slot had begun (the rest of the interrupted epoch is skipped, nothing is repeated).
+one any old stream had begun (the rest of the interrupted epoch is skipped, nothing is repeated).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,16 +162,22 @@ class TokenDataModule(L.LightningDataModule):
                 f"the checkpoint was trained on other data (id {state_dict['data_id']}) than "
                 f"{self.location} (id {self.manifest.data_id}); resume with the same data.dataset"
             )
-        old, new = Layout(**state_dict["layout"]), self._layout()
+        old, new = Layout(**state_dict["layout"]), self._layout()  # checkpoints before data.streams: streams 0
+        base, consumed = int(state_dict["base"]), int(state_dict["consumed"])
         if old == new:
-            self._base, self._consumed = int(state_dict["base"]), int(state_dict["consumed"])
+            self._base, self._consumed = base, consumed
+            return
+        same_order = old.streams and replace(old, world_size=new.world_size, workers=new.workers) == new
+        if same_order and consumed * old.world_size % new.world_size == 0:
+            # Fixed streams: the order is global, and the new ranks share the micro-batches consumed so far.
+            self._base, self._consumed = base, consumed * old.world_size // new.world_size
             return
         if self.cfg.layout_change == "refuse":
             raise DataError(
                 f"the checkpoint's data stream was laid out for {_describe(old)} but this run has {_describe(new)}; "
                 f"set data.layout_change=next_epoch to continue from the next epoch with the new layout"
             )
-        self._base = self._next_epoch_base(old, int(state_dict["base"]), int(state_dict["consumed"]))
+        self._base = self._next_epoch_base(old, base, consumed)
         self._consumed = 0
         warnings.warn(
             f"data layout changed ({_describe(old)} -> {_describe(new)}): the stream continues at shard visit "
@@ -226,27 +240,32 @@ class TokenDataModule(L.LightningDataModule):
         )
 
     def _next_epoch_base(self, old: Layout, base: int, consumed: int) -> int:
-        """Start of the epoch after the furthest one any slot of the old layout had begun."""
+        """Start of the epoch after the furthest one any stream of the old layout had begun."""
         plan = self._plan(old, base)
         furthest = base - 1
-        for slot in range(old.slots):
-            role = slot % old.workers
-            delivered = max(0, -(-(consumed - role) // old.workers)) * old.micro_batch_size
+        for stream in range(old.stream_count):
+            delivered = old.delivered(stream, consumed) * old.micro_batch_size
             if delivered:
-                furthest = max(furthest, plan.locate(slot, delivered - 1)[0])
+                furthest = max(furthest, plan.locate(stream, delivered - 1)[0])
         n_old = len(plan.source.shards)
         return (furthest // n_old + 1) * len(self._source("train").shards)
 
     def _layout(self) -> Layout:
         cfg = self.cfg
-        return Layout(
+        layout = Layout(
             self._world_size(),
             max(1, cfg.num_workers),
             self.micro_batch_size,
             cfg.seq_len,
             cfg.shuffle_buffer,
             self.seed % 2**63,
+            cfg.streams,
         )
+        readers = layout.world_size * layout.workers
+        if layout.streams % readers:
+            raise ConfigError(f"'data.streams' ({layout.streams}) must be a multiple of ranks x workers "
+                              f"({layout.world_size} x {layout.workers} = {readers}), or 0")
+        return layout
 
     def _rank(self) -> int:
         return int(self.trainer.global_rank) if self.trainer is not None else 0
@@ -259,13 +278,14 @@ def _describe(layout: Layout) -> str:
     return (
         f"{layout.world_size} rank(s) x {layout.workers} worker(s), micro-batch {layout.micro_batch_size}, "
         f"seq_len {layout.seq_len}, shuffle_buffer {layout.shuffle_buffer}, seed {layout.seed}"
+        + (f", {layout.streams} streams" if layout.streams else "")
     )
 
 
 def _check_config(cfg: DataConfig, micro_batch_size: int) -> None:
     if cfg.layout_change not in LAYOUT_CHANGE:
         raise ConfigError(f"'data.layout_change' must be one of {', '.join(LAYOUT_CHANGE)}; got '{cfg.layout_change}'")
-    for key in ("num_workers", "shuffle_buffer", "val_batches"):
+    for key in ("num_workers", "shuffle_buffer", "val_batches", "streams"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"'data.{key}' must be >= 0; got {getattr(cfg, key)}")
     if cfg.seq_len <= 0 or micro_batch_size <= 0:

@@ -30,10 +30,28 @@ class Layout:
     seq_len: int
     shuffle_buffer: int
     seed: int
+    streams: int = 0  # data.streams: 0 = one stream per (rank, worker role) slot; N = N streams in a fixed order
 
     @property
-    def slots(self) -> int:
-        return self.world_size * self.workers
+    def stream_count(self) -> int:
+        """How many streams share the shard visits: stream v takes visits base + v, base + v + count, ..."""
+        return self.streams or self.world_size * self.workers
+
+    def batch_source(self, rank: int, j: int) -> tuple[int, int]:
+        """(stream, index of the micro-batch in that stream) of rank's j-th training micro-batch."""
+        if not self.streams:  # one stream per slot: a rank's batch j comes from its worker role j % workers
+            return rank * self.workers + j % self.workers, j // self.workers
+        # Fixed streams: global micro-batch u = j x world_size + rank (an optimizer step takes the ranks'
+        # micro-batches in turn), and u is micro-batch u // streams of stream u % streams, whatever the world size.
+        u = j * self.world_size + rank
+        return u % self.streams, u // self.streams
+
+    def delivered(self, stream: int, consumed: int) -> int:
+        """Micro-batches a stream has delivered once every rank has consumed `consumed`."""
+        if not self.streams:
+            role = stream % self.workers
+            return max(0, -(-(consumed - role) // self.workers))
+        return max(0, -(-(consumed * self.world_size - stream) // self.streams))
 
 
 @dataclass(frozen=True)
@@ -121,18 +139,18 @@ class TrainPlan:
             self._perms[epoch] = np.random.default_rng(seq).permutation(n)
         return self.source.shards[self._perms[epoch][index]]
 
-    def locate(self, slot: int, samples_done: int) -> tuple[int, int]:
-        """(visit position, offset in it) of a slot's next sample after it delivered samples_done."""
-        position = self.base + slot
+    def locate(self, stream: int, samples_done: int) -> tuple[int, int]:
+        """(visit position, offset in it) of a stream's next sample after it delivered samples_done."""
+        position = self.base + stream
         while True:
             n = self.source.samples_in(self.shard_at(position))
             if samples_done < n:
                 return position, samples_done
             samples_done -= n
-            position += self.layout.slots
+            position += self.layout.stream_count
 
-    def samples(self, slot: int, samples_done: int, skipped: Any) -> Iterator[np.ndarray]:
-        position, offset = self.locate(slot, samples_done)
+    def samples(self, stream: int, samples_done: int, skipped: Any) -> Iterator[np.ndarray]:
+        position, offset = self.locate(stream, samples_done)
         failures = 0
         while True:
             try:
@@ -147,7 +165,7 @@ class TrainPlan:
                 warnings.warn(f"skipping the rest of a shard (data.skip_corrupt=true): {exc}", stacklevel=1)
                 with skipped.get_lock():
                     skipped.value += 1
-            position, offset = position + self.layout.slots, 0
+            position, offset = position + self.layout.stream_count, 0
 
 
 class TrainStream(IterableDataset):
@@ -162,13 +180,19 @@ class TrainStream(IterableDataset):
         layout = self.plan.layout
         if workers != layout.workers:
             raise DataError(f"the stream was laid out for {layout.workers} workers but runs in {workers}")
-        # Round-robin resumes at the role that was next: this loader's worker 0 plays role consumed % workers.
+        # Round-robin resumes at the role that was next: this loader's worker 0 plays role consumed % workers,
+        # and the role yields the rank's batches j = role, role + workers, ... from the first one not consumed.
         role = (worker + self.consumed) % workers
-        delivered = max(0, -(-(self.consumed - role) // workers))
-        samples = self.plan.samples(self.rank * workers + role, delivered * layout.micro_batch_size, self.skipped)
+        j = self.consumed + (role - self.consumed) % workers
+        opened: dict[int, Iterator[np.ndarray]] = {}  # with fixed streams a role reads streams / slots of them
         while True:
+            stream, index = layout.batch_source(self.rank, j)
+            if stream not in opened:
+                opened[stream] = self.plan.samples(stream, index * layout.micro_batch_size, self.skipped)
+            samples = opened[stream]
             batch = np.stack([next(samples) for _ in range(layout.micro_batch_size)])
             yield torch.from_numpy(batch.astype(np.int64))
+            j += workers
 
 
 class EvalStream(IterableDataset):

@@ -114,6 +114,28 @@ class PeriodicCheckpoint(L.Callback):
                 _remove(old)
 
 
+class AlignStepsOnResume(L.Callback):
+    """Keeps optimizer steps on whole global batches when a run resumes with another gradient accumulation.
+
+    Lightning ends an optimizer step when its count of training micro-batches reaches a multiple of the
+    accumulation, and that count is restored from the checkpoint. A run checkpointed on 2 GPUs with 2 micro-batches
+    per step and resumed on 1 GPU with 4 (fixed data.streams, docs/data.md) would otherwise end its first step after
+    2 micro-batches, wherever 6 % 4 falls; validations (every val_every_n_steps x accumulation micro-batches) would
+    drift the same way. The count is moved to global_step x the accumulation, the micro-batches of the steps done:
+    every field of the restored counters by the same amount (nothing, when the accumulation did not change), since
+    Lightning's own restart logic runs after this hook and derives its count from their differences.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress  # one endless epoch: current and total agree
+        shift = trainer.global_step * trainer.accumulate_grad_batches - progress.current.ready
+        for counter in (progress.current, progress.total):
+            counter.ready += shift
+            counter.started += shift
+            counter.processed += shift
+            counter.completed += shift
+
+
 def _write(trainer: L.Trainer, path: Path) -> None:
     if isinstance(trainer.strategy, DeepSpeedStrategy):
         _save_sharded(trainer, path)

@@ -38,6 +38,9 @@ class DataConfig:
     tokenizer: str = ""  # expected tokenizer id of the dataset (a name in data/tokenizers.py); "" accepts any
     skip_corrupt: bool = False  # skip (and count) a corrupt or unreadable shard instead of stopping
     layout_change: str = "refuse"  # resuming with other ranks/workers/batch/seq_len: refuse | next_epoch
+    # Streams of shard visits. 0: one per (rank, worker) slot, so which samples form a step depends on the world
+    # size. N: N streams in one global order, the same steps on any ranks x workers that divides N (docs/data.md).
+    streams: int = 0
 
 
 @dataclass

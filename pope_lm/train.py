@@ -13,6 +13,7 @@ import torch
 
 from pope_lm.checkpointing import (
     BEST_CHECKPOINT,
+    AlignStepsOnResume,
     AtomicCheckpointIO,
     PeriodicCheckpoint,
     checkpoint_state,
@@ -95,6 +96,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
                                      cfg.checkpoint.keep_best)
     callbacks: list[L.Callback] = [
         checkpoints,
+        AlignStepsOnResume(),
         SpeedMonitor(tokens_per_step, module.model.flops_per_token(cfg.data.seq_len),
                      peak_flops(cfg.trainer.peak_tflops), cfg.trainer.log_every_n_steps),
         StepProgressBar(refresh_rate=cfg.trainer.log_every_n_steps),

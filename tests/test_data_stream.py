@@ -1,5 +1,5 @@
 """The streaming DataModule: shard layout over ranks and workers, equal batch counts, exact resume,
-layout changes, corrupt shards and remote locations.
+layout changes, fixed streams (the same batches on any number of ranks), corrupt shards and remote locations.
 
 The synthetic dataset stores token t at stream position t - 1 (int32 ids), so every sample tells which shard
 and which window it came from. Ranks are simulated by attaching a minimal trainer (global_rank, world_size,
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pope_lm.config import DataConfig
+from pope_lm.config import ConfigError, DataConfig
 from pope_lm.data import DataError, TokenDataModule
 from pope_lm.data.shards import write_token_dataset
 
@@ -158,6 +158,41 @@ def test_layout_change_is_refused_or_restarts_at_the_next_epoch(dataset: Path) -
     assert all(a.equal(b) for a, b in zip(*streams, strict=True))  # deterministic
     fresh = take(module(dataset, 0, 2, num_workers=2), 4)
     assert not all(a.equal(b) for a, b in zip(streams[0], fresh, strict=True))
+
+
+def global_order(dataset: Path, world: int, workers: int, batches: int, **overrides: object) -> list[torch.Tensor]:
+    """The first `batches` training micro-batches over all ranks in the order an optimizer step takes them:
+    micro-batch u is rank u % world's batch u // world."""
+    per_rank = [take(module(dataset, rank, world, num_workers=workers, streams=4, **overrides), batches // world)
+                for rank in range(world)]
+    return [per_rank[u % world][u // world] for u in range(batches)]
+
+
+def test_fixed_streams_give_the_same_batches_on_any_ranks_and_workers(dataset: Path) -> None:
+    reference = global_order(dataset, 1, 0, 24)
+    assert len({origin(b[0])[0] for b in reference[:4]}) == 4  # four streams, four shards, taken in turn
+    for world, workers in [(1, 2), (2, 1), (2, 2), (4, 1)]:
+        batches = global_order(dataset, world, workers, 24)
+        assert all(a.equal(b) for a, b in zip(batches, reference, strict=True)), (world, workers)
+
+
+def test_fixed_streams_resume_on_another_number_of_ranks(dataset: Path) -> None:
+    reference = global_order(dataset, 1, 0, 24)
+    two_ranks = [module(dataset, rank, 2, streams=4) for rank in range(2)]
+    heads = [take(dm, 5) for dm in two_ranks]  # 10 micro-batches in all
+    state = two_ranks[0].state_dict()
+    one_rank = module(dataset, 0, 1, num_workers=2, streams=4)
+    one_rank.load_state_dict(state)
+    continued = [heads[u % 2][u // 2] for u in range(10)] + take(one_rank, 14)
+    assert all(a.equal(b) for a, b in zip(continued, reference, strict=True))
+    # 10 micro-batches cannot be shared out over 4 ranks (a checkpoint inside an optimizer step): a layout change.
+    with pytest.raises(DataError, match=r"laid out for 2 rank\(s\) x 1 worker\(s\).*4 streams"):
+        module(dataset, 0, 4, streams=4).load_state_dict(state)
+
+
+def test_streams_must_be_a_multiple_of_ranks_times_workers(dataset: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'data.streams' \(4\) must be a multiple of ranks x workers \(3 x 1 = 3\)"):
+        take(module(dataset, 0, 3, streams=4), 1)
 
 
 def test_resume_on_other_data_is_refused(dataset: Path, tmp_path: Path) -> None:
