@@ -123,7 +123,7 @@ class TokenReader:
 
 @dataclass
 class TrainPlan:
-    """The endless sequence of shard visits and the slots that take them (see the module docstring)."""
+    """The endless sequence of shard visits and the streams that take them (see pope_lm.data.datamodule)."""
 
     source: SplitSource
     layout: Layout
@@ -184,7 +184,7 @@ class TrainStream(IterableDataset):
         # and the role yields the rank's batches j = role, role + workers, ... from the first one not consumed.
         role = (worker + self.consumed) % workers
         j = self.consumed + (role - self.consumed) % workers
-        opened: dict[int, Iterator[np.ndarray]] = {}  # with fixed streams a role reads streams / slots of them
+        opened: dict[int, Iterator[np.ndarray]] = {}  # fixed streams: a role reads N / (ranks x workers) in turn
         while True:
             stream, index = layout.batch_source(self.rank, j)
             if stream not in opened:
