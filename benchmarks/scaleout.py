@@ -146,8 +146,10 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: run spec '{spec}' is not STRATEGY:GPUS[:resume] with STRATEGY one of "
                              f"{', '.join(STRATEGIES)}")
         label = f"{recipe}-{spec.replace(':', '-')}"
+        # Uncompiled under every strategy (pope-lm compiles DDP runs on GPU by default, DeepSpeed runs not), so that
+        # strategies compare like for like, and with the committed results.
         overrides = [*STRATEGIES[strategy], f"trainer.devices={gpus}", f"trainer.max_steps={args.steps}",
-                     f"run_dir={runs_dir / label}", "tracking.enabled=false", *args.overrides]
+                     f"run_dir={runs_dir / label}", "tracking.enabled=false", "trainer.compile=false", *args.overrides]
         parts = [[None]] if not resume else [[args.steps // 2], [None, "resume=auto"]]
         results = []
         for stop_at, *extra in parts:

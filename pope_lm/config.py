@@ -75,7 +75,9 @@ class TrainerConfig:
     test_on: str = "last"  # the weights the test split scores: last | best (needs checkpoint.keep_best)
     max_time: str = ""  # "DD:HH:MM:SS": end training (checkpoint, test) after this wall time; "" = no limit
     log_every_n_steps: int = 10
-    compile: bool = False  # torch.compile the model
+    # torch.compile the model; null (the default): on GPU, except under DeepSpeed (its engine wraps the module;
+    # pope-lm has not measured compile there, set true to try)
+    compile: bool | None = None
     peak_tflops: float = 0.0  # device peak for MFU; 0 picks it from the device name when known
     deterministic: bool = False
 

@@ -51,6 +51,14 @@ def resolve_precision(cfg: RunConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator == "gpu" else "32-true"
 
 
+def compiles(cfg: RunConfig, accelerator: str) -> bool:
+    """Whether the run torch.compiles its model: trainer.compile, or by default on GPU (the fast path: the Triton
+    kernel is a custom op, so the model compiles as one graph), except under DeepSpeed."""
+    if cfg.trainer.compile is not None:
+        return cfg.trainer.compile
+    return accelerator == "gpu" and cfg.trainer.strategy != "deepspeed"
+
+
 def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the final logged metrics.
 
@@ -82,7 +90,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
     module = lightning_module(cfg)
     if cfg.init_from and resume_path is None:
         _start_from_weights(module, cfg)
-    if cfg.trainer.compile:
+    if compiles(cfg, accelerator):
         module.model = torch.compile(module.model)  # type: ignore[assignment]
 
     # srun and torchrun start all ranks at once, and each would create (migrate) a new sqlite MLflow store

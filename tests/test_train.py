@@ -17,9 +17,11 @@ import torch
 from mlflow import MlflowClient
 
 from pope_lm.checkpointing import list_checkpoints
+from pope_lm.config import load_config
 from pope_lm.data.corpora import prepare_text
 from pope_lm.data.prepare import Settings
 from pope_lm.data.shards import write_token_dataset
+from pope_lm.train import compiles
 
 pytestmark = pytest.mark.slow
 
@@ -173,3 +175,18 @@ def test_skipped_corrupt_shards_are_counted_in_the_logged_metrics(tmp_path):
                    "trainer.val_every_n_steps=40", run_dir=run_dir))
     client, (run,) = mlflow_run(run_dir)
     assert max(history(client, run.info.run_id, "data/skipped_shards").values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "accelerator", "expected"),
+    [
+        ([], "cpu", False),
+        ([], "gpu", True),  # the fast path by default
+        (["trainer.strategy=deepspeed"], "gpu", False),
+        (["trainer.compile=false"], "gpu", False),
+        (["trainer.compile=true"], "cpu", True),
+        (["trainer.compile=true", "trainer.strategy=deepspeed"], "gpu", True),
+    ],
+)
+def test_the_model_compiles_by_default_on_gpu_unless_set_or_under_deepspeed(overrides, accelerator, expected):
+    assert compiles(load_config("recipes/tiny.yaml", overrides), accelerator) is expected
