@@ -22,7 +22,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from pope_lm.config import ConfigError, RunConfig, config_from_container
-from pope_lm.lit_module import CONFIG_KEY
+from pope_lm.lit_module import CONFIG_KEY, uncompiled_name
 from pope_lm.model import GPT
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.ckpt$")
@@ -204,7 +204,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         state_dict = state["state_dict"]
     model = GPT(cfg.model)
     prefix = "model."
-    weights = {k[len(prefix):].replace("_orig_mod.", ""): v.to(map_location) for k, v in state_dict.items()
+    weights = {uncompiled_name(k[len(prefix):]): v.to(map_location) for k, v in state_dict.items()
                if k.startswith(prefix)}
     model.load_state_dict(weights)
     return model, cfg

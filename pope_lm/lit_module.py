@@ -155,6 +155,10 @@ class LitGPT(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The config travels with the weights, so evaluation and export rebuild the model from the file alone.
         checkpoint[CONFIG_KEY] = config_to_container(self.cfg)
+        if "state_dict" in checkpoint:  # (DeepSpeed saves its own)
+            # Names without torch.compile's wrapper, so that compiled and uncompiled runs resume each other's
+            # checkpoints (trainer.compile defaults to on for GPUs, off for CPUs).
+            checkpoint["state_dict"] = {uncompiled_name(k): v for k, v in checkpoint["state_dict"].items()}
         # RNG state makes dropout and any sampling continue exactly after a resume.
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
@@ -164,6 +168,9 @@ class LitGPT(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" in checkpoint:  # Lightning loads it after this hook: name it as this module does
+            own = {uncompiled_name(k): k for k in self.state_dict()}
+            checkpoint["state_dict"] = {own.get(uncompiled_name(k), k): v for k, v in checkpoint["state_dict"].items()}
         rng = checkpoint.get("rng")
         if rng is None:
             return
@@ -173,6 +180,11 @@ class LitGPT(L.LightningModule):
         np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
         version, state, gauss = rng["python"]
         random.setstate((version, tuple(state), gauss))
+
+
+def uncompiled_name(key: str) -> str:
+    """A parameter's name without the `_orig_mod.` that torch.compile's wrapper module inserts."""
+    return key.replace("_orig_mod.", "")
 
 
 def log_host_value(module: L.LightningModule, name: str, value: float, **kwargs: Any) -> None:

@@ -65,3 +65,18 @@ def test_accumulated_micro_batches_step_like_one_batch() -> None:
     halves = _train_one_step([batch[:2], batch[2:]], accumulate=2)
     for (name, a), b in zip(whole.named_parameters(), halves.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_checkpoints_resume_across_compiled_and_uncompiled_models() -> None:
+    # trainer.compile is on by default on GPUs and off on CPUs: a run may resume the other kind's checkpoint.
+    for compile_source in (True, False):
+        source, target = LitGPT(load_config(TINY, SMALL)), LitGPT(load_config(TINY, SMALL))  # unlike weights
+        compiled = source if compile_source else target
+        compiled.model = torch.compile(compiled.model)  # wraps only: nothing compiles until it is called
+        checkpoint = {"state_dict": source.state_dict()}
+        source.on_save_checkpoint(checkpoint)
+        assert not any("_orig_mod" in key for key in checkpoint["state_dict"])
+        target.on_load_checkpoint(checkpoint)
+        target.load_state_dict(checkpoint["state_dict"])  # strict: every name matched
+        for a, b in zip(source.parameters(), target.parameters(), strict=True):
+            assert a.equal(b)
