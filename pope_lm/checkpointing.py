@@ -121,14 +121,27 @@ class AlignStepsOnResume(L.Callback):
     accumulation, and that count is restored from the checkpoint. A run checkpointed on 2 GPUs with 2 micro-batches
     per step and resumed on 1 GPU with 4 (fixed data.streams, docs/data.md) would otherwise end its first step after
     2 micro-batches, wherever 6 % 4 falls; validations (every val_every_n_steps x accumulation micro-batches) would
-    drift the same way. The count is moved to global_step x the accumulation, the micro-batches of the steps done:
-    every field of the restored counters by the same amount (nothing, when the accumulation did not change), since
-    Lightning's own restart logic runs after this hook and derives its count from their differences.
+    drift the same way. The checkpoint records the accumulation; when it differs from this run's, the count is moved
+    to global_step x the accumulation: every field of the counters by the same amount, since Lightning's own restart
+    logic runs after this hook and works from their differences. Same accumulation (or a checkpoint from before this
+    callback): left as Lightning restores it.
     """
 
+    def __init__(self) -> None:
+        self.accumulation: int | None = None  # the checkpoint's once restored, then this run's
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accumulation": self.accumulation}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accumulation = state_dict["accumulation"]
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved, self.accumulation = self.accumulation, trainer.accumulate_grad_batches
+        if saved is None or saved == self.accumulation:
+            return
         progress = trainer.fit_loop.epoch_loop.batch_progress  # one endless epoch: current and total agree
-        shift = trainer.global_step * trainer.accumulate_grad_batches - progress.current.ready
+        shift = trainer.global_step * self.accumulation - progress.current.ready
         for counter in (progress.current, progress.total):
             counter.ready += shift
             counter.started += shift
