@@ -137,6 +137,11 @@ class Session:
         """Whether a second call resumed the run (its first call's log is kept as `<run>.first-call.log`)."""
         return f"{run}.first-call" in self.logs
 
+    def first_call_accuracies(self) -> list[float]:
+        """The val accuracies of both indirect-indexing runs during their first call (after step 0)."""
+        return [v for name in ("indirect-pope", "indirect-rope") for s, v in self.runs[name].curve("val/accuracy")
+                if 0 < s <= self.step(f"{name}.first-call")]
+
     def indirect_time_limits(self) -> tuple[int, int]:
         """Indirect indexing's trainer.max_time in seconds: the first call's, and both calls' together (Lightning's
         timer is checkpointed), as PoPE's logs report running into them."""
@@ -182,9 +187,7 @@ class Report:
     @property
     def plateau_top(self) -> float:
         """The highest val accuracy of either attempt-1 indirect-indexing run during its first call, on the plateau."""
-        first = self.base
-        return max(v for name in ("indirect-pope", "indirect-rope") for s, v in first.runs[name].curve("val/accuracy")
-                   if 0 < s <= first.step(f"{name}.first-call"))
+        return max(self.base.first_call_accuracies())
 
     @property
     def retries(self) -> list[Session]:
@@ -494,7 +497,7 @@ def indirect_section(session: Session) -> str:
     gaps = equal_step_gaps(session)
     pulls = next(step for step, gap in gaps if gap > GAP_POINTS)
     rope_lead_step, rope_lead = min(gaps, key=lambda g: g[1])
-    plateau = [v for m in runs for s, v in curves[m].items() if 0 < s <= first[m]]
+    plateau = session.first_call_accuracies()
     final = {m: run.test("test/accuracy")[-1][1] for m, run in runs.items()}
     chance = 1 / LETTERS
 
