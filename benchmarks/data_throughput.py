@@ -191,14 +191,14 @@ def time_batches(batches: Iterator[Any], warmup: int, count: int) -> tuple[float
 
 
 def loader_rate(directory: Path, workers: int, shuffle_buffer: int | None, warmup: int, count: int,
-                through_dataloader: bool = True) -> tuple[float, float]:
+                through_dataloader: bool = True, streams: int = 0) -> tuple[float, float]:
     """The training stream of a fresh TokenDataModule at seq 1024, micro-batch 32, timed by `time_batches`;
     through its DataLoader, or the TrainStream iterated directly in this process."""
     from pope_lm.config import DataConfig
     from pope_lm.data import TokenDataModule
 
     shuffle = {} if shuffle_buffer is None else {"shuffle_buffer": shuffle_buffer}  # None: the default
-    cfg = DataConfig(dataset=str(directory), seq_len=1024, num_workers=workers, **shuffle)
+    cfg = DataConfig(dataset=str(directory), seq_len=1024, num_workers=workers, streams=streams, **shuffle)
     datamodule = TokenDataModule(cfg, micro_batch_size=32, seed=0)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
@@ -273,6 +273,9 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
              "read_blocks + windows, chunk shuffle, np.stack, int64 cast"),
         Case("train_dataloader, num_workers=0", "tokens/s", 1,
              lambda: loader_rate(directory, 0, None, warmup, count), "the headline: one process"),
+        Case("train_dataloader, num_workers=0, data.streams=128", "tokens/s", 1,
+             lambda: loader_rate(directory, 0, None, warmup, count, streams=128),
+             "the OpenWebText recipes' global order: one process reads 128 streams in turn"),
         Case("train_dataloader, num_workers=0, shuffle_buffer=0", "tokens/s", 1,
              lambda: loader_rate(directory, 0, 0, warmup, count), "shard order: the shuffle's cost"),
         Case("train_dataloader, num_workers=2", "tokens/s", 2,
