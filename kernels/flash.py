@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _check_shapes, pope_frequencies
+from .reference import _check_shapes
 
 __all__ = ["pope_attention"]
 
@@ -83,6 +83,18 @@ def _cos_sin(phase):
     else:
         cos, sin = tl.cos(reduced), tl.sin(reduced)
     return cos, sin
+
+
+@triton.jit
+def _frequencies(theta, HEAD_DIM: tl.constexpr):
+    """theta_c = theta^(-c / D) for c = 0 .. D-1, in fp64 and rounded once to fp32 as `pope_frequencies` does.
+
+    Computed per program rather than read from a cached table: a table cached on the first call would be
+    allocated inside a CUDA-graph memory pool when that call is being captured (torch.compile's reduce-overhead),
+    and a tensor that outlives its pool breaks the capture.
+    """
+    exponent = tl.arange(0, HEAD_DIM).to(tl.float64) / HEAD_DIM
+    return tl.exp2(-exponent * tl.log2(tl.full([HEAD_DIM], theta, tl.float64))).to(tl.float32)
 
 
 @triton.jit
@@ -211,7 +223,7 @@ def _key_tile_scores(qc, qs, mu_base, v_base, stride_vn, cols, col_ok, d, cos, s
 
 
 @triton.jit
-def _query_block(Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale,
+def _query_block(Q, theta, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale,
                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """A query-stationary program's block: where it is, the head's frequencies and phase biases, its raw queries,
     and those in Cartesian form with sm_scale * log2(e) folded in (scores come out in log2 units, ready for exp2)."""
@@ -223,7 +235,7 @@ def _query_block(Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q,
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < n_q
     d = tl.arange(0, HEAD_DIM)
-    freqs = tl.load(Freqs + d)
+    freqs = _frequencies(theta, HEAD_DIM)
     delta = tl.load(Delta + h * HEAD_DIM + d)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
     cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))
@@ -265,13 +277,13 @@ def _fwd_inner(acc, m_i, l_i, qc, qs, mu_base, v_base, stride_vn, freqs, delta, 
 
 
 @triton.jit
-def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
+def _fwd_kernel(Q, MuK, V, theta, Delta, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
                 n_heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     bh, b, h, start_m, rows, row_ok, d, freqs, delta, q_pos, q, qc, qs = _query_block(
-        Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
+        Q, theta, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
     dtype = q.dtype
 
     mu_base = MuK + bh.to(tl.int64) * n_k * HEAD_DIM
@@ -320,14 +332,14 @@ def _dq_inner(gc, gs, qc, qs, do, lse, dvec, mu_base, v_base, stride_vn, freqs, 
 
 
 @triton.jit
-def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
+def _dq_kernel(Q, MuK, V, theta, Delta, DO, Lse, Dvec, DQ,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
                stride_dob, stride_doh, stride_don,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     bh, b, h, start_m, rows, row_ok, d, freqs, delta, q_pos, q, qc, qs = _query_block(
-        Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
+        Q, theta, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
     dtype = q.dtype
     o_rows = bh.to(tl.int64) * n_q + rows
 
@@ -395,7 +407,7 @@ def _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, lse_base, 
 
 
 @triton.jit
-def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
+def _dkdv_kernel(MuQ, K, V, theta, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_don,
                  n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
@@ -408,7 +420,7 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < n_k
     d = tl.arange(0, HEAD_DIM)
-    freqs = tl.load(Freqs + d)
+    freqs = _frequencies(theta, HEAD_DIM)
     delta = tl.load(Delta + h * HEAD_DIM + d)
 
     k = _load_rows(K + b.to(tl.int64) * stride_kb + h * stride_kh, cols, col_ok, stride_kn, d)
@@ -471,10 +483,13 @@ def uses_fused_dq(head_dim: int, n_k: int) -> bool:
 # Autotuning candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim (32 uses 64's); M counts
 # queries, N keys, whichever side is streamed. v1's lists were kept to those whose inner loop compiles for
 # sm_90 without (or with few) register spills and that won on the H100 (benchmarks/attention_notes.md);
-# "dkdv_dq" is the fused pass (two more products and an fp32 tile of atomics per step; all spill).
+# "dkdv_dq" is the fused pass (two more products and an fp32 tile of atomics per step; all spill). The 64-row,
+# 4-warp tiles of fwd and dq fit two CTAs per SM (one warpgroup each, no barrier between them), which beat one
+# 8-warp CTA of 128 rows by 4-7% at D = 64 (version 3 in the notes); the dk/dv pass spills at 4 warps and lost.
 _BLOCKS = {
-    "fwd": {64: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)], 128: [(128, 32, 8, 2), (128, 64, 8, 2)]},
-    "dq": {64: [(128, 64, 8, 2), (128, 32, 8, 2)], 128: [(128, 32, 8, 2), (64, 64, 8, 2)]},
+    "fwd": {64: [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2)],
+            128: [(128, 32, 8, 2), (128, 64, 8, 2)]},
+    "dq": {64: [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)], 128: [(128, 32, 8, 2), (64, 64, 8, 2)]},
     "dkdv": {64: [(64, 128, 8, 2), (32, 128, 8, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)]},
     "dkdv_dq": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2)], 128: [(32, 64, 8, 2), (16, 64, 4, 2)]},
 }
@@ -532,16 +547,6 @@ def _magnitudes(x: torch.Tensor, out=None, dout=None, dvec=None) -> torch.Tensor
     return mu
 
 
-_freqs_cache: dict[tuple[int, float, torch.device], torch.Tensor] = {}
-
-
-def _freqs(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    key = (head_dim, theta, device)
-    if key not in _freqs_cache:
-        _freqs_cache[key] = pope_frequencies(head_dim, theta, device, torch.float32)
-    return _freqs_cache[key]
-
-
 def _row_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -568,7 +573,7 @@ def _forward(q, k, v, delta, causal, sm_scale, theta, q_offset):
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     mu_k = _magnitudes(k)  # the streamed keys' softplus, once
     _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
-            q, mu_k, v, _freqs(head_dim, theta, q.device), delta.contiguous(), out, lse,
+            q, mu_k, v, theta, delta.contiguous(), out, lse,
             *_row_strides(q), *_row_strides(v),
             heads, n_q, n_k, q_offset, sm_scale * math.log2(math.e),
             CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
@@ -580,7 +585,6 @@ def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     bh = batch * heads
-    freqs = _freqs(head_dim, theta, q.device)
     delta = delta.contiguous()
     qk_scale = sm_scale * math.log2(math.e)
     split = not uses_fused_dq(head_dim, n_k)
@@ -593,14 +597,14 @@ def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
     if split:
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
-                q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq,
+                q, _magnitudes(k), v, theta, delta, dout, lse, dvec, dq,
                 *_row_strides(q), *_row_strides(v), *_row_strides(dout),
                 heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
         dq_acc = ddelta.new_zeros(1)  # unused
     else:
         dq_acc = torch.zeros((batch, heads, n_q, head_dim), device=q.device, dtype=torch.float32)
     _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,
-            mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
+            mu_q, k, v, theta, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
             *_row_strides(k), *_row_strides(v), *_row_strides(dout),
             heads, n_q, n_k, q_offset, sm_scale, qk_scale, FUSED_DQ=not split, **constexprs)
     if not split:
