@@ -78,6 +78,9 @@ class TrainerConfig:
     # torch.compile the model; null (the default): on GPU, except under DeepSpeed (its engine wraps the module;
     # pope-lm has not measured compile there, set true to try)
     compile: bool | None = None
+    # torch.compile's mode: reduce-overhead replays each step's kernels as CUDA graphs, which pays off where
+    # kernel launches, not arithmetic, bound the step (small models, short sequences: recipes/indirect.yaml)
+    compile_mode: str = "default"
     peak_tflops: float = 0.0  # device peak for MFU; 0 picks it from the device name when known
     deterministic: bool = False
 
@@ -126,6 +129,7 @@ _CHOICES = {
     "trainer.accelerator": ("auto", "cpu", "gpu"),
     "trainer.strategy": ("auto", "ddp", "deepspeed"),
     "trainer.test_on": ("last", "best"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 

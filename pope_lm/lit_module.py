@@ -69,7 +69,9 @@ class LitGPT(L.LightningModule):
         loss, accuracy = self.score(batch)
         # Not prog_bar: Lightning reads progress-bar values to the host after every step, which would wait for the
         # GPU each time; StepProgressBar shows the loss at its refresh points instead.
-        self.log("train/loss", loss)
+        # A copy: under trainer.compile_mode=reduce-overhead the loss lives in the CUDA graph's output memory,
+        # which the next step's replay overwrites before a lazy reader (the progress bar) gets to it.
+        self.log("train/loss", loss.detach().clone())
         if accuracy is not None:
             self.log("train/accuracy", accuracy)
         skipped = getattr(self.trainer.datamodule, "skipped_shards", 0)

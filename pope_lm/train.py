@@ -91,7 +91,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
     if cfg.init_from and resume_path is None:
         _start_from_weights(module, cfg)
     if compiles(cfg, accelerator):
-        module.model = torch.compile(module.model)  # type: ignore[assignment]
+        module.model = torch.compile(module.model, mode=cfg.trainer.compile_mode)  # type: ignore[assignment]
 
     # srun and torchrun start all ranks at once, and each would create (migrate) a new sqlite MLflow store
     # concurrently, which fails; a file lock lets one process at a time open it.

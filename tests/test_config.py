@@ -45,6 +45,7 @@ def test_flatten_gives_dotted_keys():
         (["trainer.max_time=8min"], "'trainer.max_time' must read DD:HH:MM:SS; got '8min'"),
         (["trainer.test_on=best"], "'trainer.test_on' best needs checkpoint.keep_best=true"),
         (["trainer.test_on=first"], "'trainer.test_on' must be one of last, best"),
+        (["trainer.compile_mode=fast"], "'trainer.compile_mode' must be one of default, reduce-overhead"),
     ],
 )
 def test_bad_overrides_raise_one_line_naming_the_key(overrides, fragment):
