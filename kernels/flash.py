@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _check_shapes
+from .reference import _check_shapes, pope_frequencies
 
 __all__ = ["pope_attention"]
 
@@ -83,18 +83,6 @@ def _cos_sin(phase):
     else:
         cos, sin = tl.cos(reduced), tl.sin(reduced)
     return cos, sin
-
-
-@triton.jit
-def _frequencies(theta, HEAD_DIM: tl.constexpr):
-    """theta_c = theta^(-c / D) for c = 0 .. D-1, in fp64 and rounded once to fp32 as `pope_frequencies` does.
-
-    Computed per program rather than read from a cached table: a table cached on the first call would be
-    allocated inside a CUDA-graph memory pool when that call is being captured (torch.compile's reduce-overhead),
-    and a tensor that outlives its pool breaks the capture.
-    """
-    exponent = tl.arange(0, HEAD_DIM).to(tl.float64) / HEAD_DIM
-    return tl.exp2(-exponent * tl.log2(tl.full([HEAD_DIM], theta, tl.float64))).to(tl.float32)
 
 
 @triton.jit
@@ -223,7 +211,7 @@ def _key_tile_scores(qc, qs, mu_base, v_base, stride_vn, cols, col_ok, d, cos, s
 
 
 @triton.jit
-def _query_block(Q, theta, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale,
+def _query_block(Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale,
                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """A query-stationary program's block: where it is, the head's frequencies and phase biases, its raw queries,
     and those in Cartesian form with sm_scale * log2(e) folded in (scores come out in log2 units, ready for exp2)."""
@@ -235,7 +223,7 @@ def _query_block(Q, theta, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q,
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < n_q
     d = tl.arange(0, HEAD_DIM)
-    freqs = _frequencies(theta, HEAD_DIM)
+    freqs = tl.load(Freqs + d)
     delta = tl.load(Delta + h * HEAD_DIM + d)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
     cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))
@@ -277,13 +265,13 @@ def _fwd_inner(acc, m_i, l_i, qc, qs, mu_base, v_base, stride_vn, freqs, delta, 
 
 
 @triton.jit
-def _fwd_kernel(Q, MuK, V, theta, Delta, Out, Lse,
+def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
                 n_heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     bh, b, h, start_m, rows, row_ok, d, freqs, delta, q_pos, q, qc, qs = _query_block(
-        Q, theta, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
+        Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
     dtype = q.dtype
 
     mu_base = MuK + bh.to(tl.int64) * n_k * HEAD_DIM
@@ -332,14 +320,14 @@ def _dq_inner(gc, gs, qc, qs, do, lse, dvec, mu_base, v_base, stride_vn, freqs, 
 
 
 @triton.jit
-def _dq_kernel(Q, MuK, V, theta, Delta, DO, Lse, Dvec, DQ,
+def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
                stride_dob, stride_doh, stride_don,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     bh, b, h, start_m, rows, row_ok, d, freqs, delta, q_pos, q, qc, qs = _query_block(
-        Q, theta, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
+        Q, Freqs, Delta, stride_qb, stride_qh, stride_qn, n_heads, n_q, q_offset, qk_scale, CAUSAL, HEAD_DIM, BLOCK_M)
     dtype = q.dtype
     o_rows = bh.to(tl.int64) * n_q + rows
 
@@ -407,7 +395,7 @@ def _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, lse_base, 
 
 
 @triton.jit
-def _dkdv_kernel(MuQ, K, V, theta, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
+def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_don,
                  n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
@@ -420,7 +408,7 @@ def _dkdv_kernel(MuQ, K, V, theta, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < n_k
     d = tl.arange(0, HEAD_DIM)
-    freqs = _frequencies(theta, HEAD_DIM)
+    freqs = tl.load(Freqs + d)
     delta = tl.load(Delta + h * HEAD_DIM + d)
 
     k = _load_rows(K + b.to(tl.int64) * stride_kb + h * stride_kh, cols, col_ok, stride_kn, d)
@@ -561,7 +549,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _forward(q, k, v, delta, causal, sm_scale, theta, q_offset):
+def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     if not q.is_cuda and not _INTERPRETED:
         raise RuntimeError("pope_attention runs Triton kernels on CUDA tensors; on CPU use "
                            "pope_attention_reference (or run the kernels slowly in Triton's interpreter: "
@@ -573,14 +561,14 @@ def _forward(q, k, v, delta, causal, sm_scale, theta, q_offset):
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     mu_k = _magnitudes(k)  # the streamed keys' softplus, once
     _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
-            q, mu_k, v, theta, delta.contiguous(), out, lse,
+            q, mu_k, v, freqs, delta.contiguous(), out, lse,
             *_row_strides(q), *_row_strides(v),
             heads, n_q, n_k, q_offset, sm_scale * math.log2(math.e),
             CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
     return out, lse
 
 
-def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset):
+def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset):
     dout, q, k, v = (_unit_last_stride(x) for x in (dout, q, k, v))
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -597,14 +585,14 @@ def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
     if split:
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
-                q, _magnitudes(k), v, theta, delta, dout, lse, dvec, dq,
+                q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq,
                 *_row_strides(q), *_row_strides(v), *_row_strides(dout),
                 heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
         dq_acc = ddelta.new_zeros(1)  # unused
     else:
         dq_acc = torch.zeros((batch, heads, n_q, head_dim), device=q.device, dtype=torch.float32)
     _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,
-            mu_q, k, v, theta, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
+            mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
             *_row_strides(k), *_row_strides(v), *_row_strides(dout),
             heads, n_q, n_k, q_offset, sm_scale, qk_scale, FUSED_DQ=not split, **constexprs)
     if not split:
@@ -618,38 +606,41 @@ def _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
 # torch.library custom ops: opaque to torch.compile (no graph break), differentiable through autograd
 
 
+# The frequencies theta_c are an input, not a table cached here: under torch.compile their computation is part of
+# the graph (one small fused kernel, or a constant), and a cache filled on the first call would be allocated
+# inside a CUDA-graph memory pool when that call is being captured (compile mode reduce-overhead) and outlive it.
 @torch.library.custom_op("pope_lm::pope_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, causal: bool,
-            sm_scale: float, theta: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, delta, causal, sm_scale, theta, q_offset)
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, freqs: torch.Tensor,
+            causal: bool, sm_scale: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, delta, causal, sm_scale, theta, q_offset):
+def _fwd_fake(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("pope_lm::pope_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float, theta: float,
+            freqs: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float,
             q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset)
+    return _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, delta, out, lse, causal, sm_scale, theta, q_offset):
+def _bwd_fake(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), delta.new_empty(delta.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, delta, ctx.causal, ctx.sm_scale, ctx.theta, ctx.q_offset = inputs
+    q, k, v, delta, freqs, ctx.causal, ctx.sm_scale, ctx.q_offset = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, delta, out, lse)
+    ctx.save_for_backward(q, k, v, delta, freqs, out, lse)
 
 
 def _autograd_backward(ctx, dout, _dlse):
-    q, k, v, delta, out, lse = ctx.saved_tensors
-    grads = _bwd_op(dout, q, k, v, delta, out, lse, ctx.causal, ctx.sm_scale, ctx.theta, ctx.q_offset)
+    q, k, v, delta, freqs, out, lse = ctx.saved_tensors
+    grads = _bwd_op(dout, q, k, v, delta, freqs, out, lse, ctx.causal, ctx.sm_scale, ctx.q_offset)
     return *grads, None, None, None, None
 
 
@@ -675,5 +666,6 @@ def pope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: tor
     if q_offset < 0 or k.shape[2] == 0:
         raise ValueError(f"need q_offset >= 0 and at least one key; got {q_offset}, {k.shape[2]} keys")
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-    out, _ = _fwd_op(q, k, v, delta.float(), causal, sm_scale, float(theta), int(q_offset))
+    freqs = pope_frequencies(head_dim, float(theta), q.device, torch.float32)
+    out, _ = _fwd_op(q, k, v, delta.float(), freqs, causal, sm_scale, int(q_offset))
     return out

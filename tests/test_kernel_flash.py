@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pope_lm.kernels import flash, pope_attention, pope_attention_reference
+from pope_lm.kernels.reference import pope_frequencies
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
@@ -118,10 +119,11 @@ def test_compiles_without_graph_break():
 
 def test_custom_ops_pass_opcheck():
     q, k, v, delta, dout = _inputs(1, 2, 19, 19, 32, torch.float32, seed=7)
-    fwd_args = (q.requires_grad_(), k, v, delta, True, 0.2, 10000.0, 0)
+    freqs = pope_frequencies(32, 10000.0)
+    fwd_args = (q.requires_grad_(), k, v, delta, freqs, True, 0.2, 0)
     torch.library.opcheck(torch.ops.pope_lm.pope_attention_fwd.default, fwd_args)
     out, lse = torch.ops.pope_lm.pope_attention_fwd(*fwd_args)
-    bwd_args = (dout, q.detach(), k, v, delta, out.detach(), lse, True, 0.2, 10000.0, 0)
+    bwd_args = (dout, q.detach(), k, v, delta, freqs, out.detach(), lse, True, 0.2, 0)
     torch.library.opcheck(torch.ops.pope_lm.pope_attention_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -132,7 +134,7 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     # Called below the custom op: the op keeps the function of the first import of flash, and a test that
     # re-imports pope_lm (the export tests do) would leave this patch on a different module object.
     with pytest.raises(RuntimeError, match="CUDA"):
-        flash._forward(q, k, v, delta, True, 0.2, 10000.0, 0)
+        flash._forward(q, k, v, delta, pope_frequencies(32), True, 0.2, 0)
 
 
 def test_unsupported_head_dim_is_rejected():
