@@ -38,6 +38,8 @@ PARTS=" ${*:-indirect jsb extrapolation} "
 RESUME=${RESUME:-0}
 INDIRECT_STEPS=${INDIRECT_STEPS:-50000}  # indirect indexing's trainer.max_steps (session 1: 25000)
 INDIRECT_DECAY=${INDIRECT_DECAY:-0}  # its optim.decay_steps: the cosine ends there, then min_lr (0: at max_steps)
+INDIRECT_POSITIONS=${INDIRECT_POSITIONS:-pope rope}  # which indirect-indexing runs (alone, a run trains ~1.8x faster)
+COMPILE_MODE=${COMPILE_MODE:-default}  # their trainer.compile_mode (reduce-overhead: CUDA graphs; step_rate.sh)
 
 # Indirect indexing. The paper: batch 64, lr 2e-4, 100k steps. Here the step is launch-bound, so batch 256
 # costs the same time per step as 64: 4x the samples per second, with the lr scaled by 2 (sqrt of 4), and a
@@ -47,11 +49,13 @@ if [[ $PARTS == *" indirect "* ]]; then
     indirect=(data.dataset="$DATA/indirect" trainer.global_batch_size=256 trainer.micro_batch_size=256
         optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps="$INDIRECT_STEPS"
         optim.decay_steps="$INDIRECT_DECAY" trainer.max_time="$TRAIN_TIME"
-        trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true)
+        trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true
+        trainer.compile_mode="$COMPILE_MODE")
     if [ "$RESUME" = 1 ]; then
         # resume=auto starts afresh where no checkpoint exists, which here (a machine given back between calls:
         # /tmp is empty) would spend the whole call re-training what is lost and bring nothing back in time.
-        for run in indirect-pope indirect-rope; do
+        for position in $INDIRECT_POSITIONS; do
+            run=indirect-$position
             compgen -G "$RUNS/$run/checkpoints/step-*.ckpt" >/dev/null || {
                 echo "error: RESUME=1 but $RUNS/$run has no checkpoint: the machine was given back since the" \
                     "last call; start again without RESUME" >&2
@@ -60,8 +64,9 @@ if [[ $PARTS == *" indirect "* ]]; then
         done
         indirect+=(resume=auto)
     fi
-    train indirect-pope recipes/indirect.yaml "${indirect[@]}"
-    train indirect-rope recipes/indirect.yaml model.position=rope "${indirect[@]}"
+    for position in $INDIRECT_POSITIONS; do
+        train "indirect-$position" recipes/indirect.yaml model.position="$position" "${indirect[@]}"
+    done
 fi
 
 if [[ $PARTS == *" jsb "* ]]; then

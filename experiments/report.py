@@ -45,7 +45,8 @@ GAP_POINTS = 5.0  # the accuracy lead (points) at which PoPE counts as pulling a
 POPE, ROPE, YARN, YARN_FT = "PoPE", "RoPE", "RoPE+YaRN (s=10)", "RoPE+YaRN ft4096"  # eval-length's --labels
 PLOTS = "results"  # the plots' folder, beside the markdown
 RESULTS = (Path("experiments/results/2026-11-25-h100"), Path("experiments/results/2026-11-26-h100"),
-           Path("experiments/results/2026-11-26-h100-indirect-attempt3"))
+           Path("experiments/results/2026-11-26-h100-indirect-attempt3"),
+           Path("experiments/results/2026-11-26-h100-indirect-attempt4"))
 RUNS = ("indirect-pope", "indirect-rope", "jsb-pope", "jsb-rope", "extrapolation-pope", "extrapolation-rope",
         "extrapolation-rope-yarn-ft4096")
 # The log that starts after each run has ended (experiments/paper_session.sh runs these stages one after another).
@@ -321,9 +322,10 @@ def summary_section(report: Report) -> str:
          f"{yes(rope_acc <= ISSUE_ROPE_ACC)}; curves and gap shown (PoPE ahead by {gap:.1f} points at {step:,} "
          "steps)"],
         *([f"indirect indexing, test accuracy, attempt {n} ({schedule(retry.runs['indirect-pope'])}, stopped at "
-           f"{retry.step('indirect-pope'):,} / {retry.step('indirect-rope'):,})", "", "",
-           pct(retry.runs["indirect-rope"].test("test/accuracy")[-1][1]),
-           pct(retry.runs["indirect-pope"].test("test/accuracy")[-1][1]), "as above", retry_verdict(report, retry)]
+           f"{' / '.join(f'{retry.step(name):,}' for name in indirect_runs(retry).values())})", "", "",
+           pct(retry.runs["indirect-rope"].test("test/accuracy")[-1][1]) if ROPE in indirect_runs(retry)
+           else "not run", pct(retry.runs["indirect-pope"].test("test/accuracy")[-1][1]), "as above",
+           retry_verdict(report, retry)]
           for n, retry in enumerate(report.retries, start=2)),
         [f"JSB chorales, test NLL at the best validation (step {tested[POPE]:,} / {tested[ROPE]:,})",
          f"{PAPER_JSB[ROPE]:.4f}", f"{PAPER_JSB[POPE]:.4f}", f"{rope_nll:.4f}", f"{pope_nll:.4f}",
@@ -352,14 +354,27 @@ def left_plateau(report: Report, run: Run) -> bool:
     return max(v for _, v in run.curve("val/accuracy")) > report.plateau_top + GAP_POINTS / 100
 
 
+def indirect_runs(session: Session) -> dict[str, str]:
+    """The indirect-indexing runs a session trained, by model (a later attempt may train PoPE alone)."""
+    return {m: f"indirect-{m.lower()}" for m in (POPE, ROPE) if f"indirect-{m.lower()}" in session.runs}
+
+
 def retry_verdict(report: Report, retry: Session) -> str:
-    pope, rope = retry.runs["indirect-pope"], retry.runs["indirect-rope"]
-    pope_acc, rope_acc = pope.test("test/accuracy")[-1][1], rope.test("test/accuracy")[-1][1]
-    if pope_acc >= ISSUE_POPE_ACC and rope_acc <= ISSUE_ROPE_ACC:
-        return "yes"
-    if not left_plateau(report, pope) and not left_plateau(report, rope):
+    runs = {m: retry.runs[name] for m, name in indirect_runs(retry).items()}
+    accs = {m: run.test("test/accuracy")[-1][1] for m, run in runs.items()}
+    if accs[POPE] >= ISSUE_POPE_ACC and accs.get(ROPE, 0.0) <= ISSUE_ROPE_ACC:
+        return "yes" if ROPE in runs else "PoPE: yes (RoPE not run)"
+    if not any(left_plateau(report, run) for run in runs.values()):
         return "**no**: neither left the plateau (see below)"
-    return f"**no**: PoPE {pct(pope_acc)} (see below)"
+    step, top = peak(runs[POPE])
+    if top - accs[POPE] > GAP_POINTS / 100:
+        return f"**no**: PoPE's val accuracy peaked at {pct(top)} (step {step:,}), then fell (see below)"
+    return f"**no**: PoPE {pct(accs[POPE])} (see below)"
+
+
+def peak(run: Run) -> tuple[int, float]:
+    """A run's highest val accuracy and its step."""
+    return max(run.curve("val/accuracy"), key=lambda p: p[1])
 
 
 def wall_time(session: Session, name: str) -> str:
@@ -431,8 +446,13 @@ bound that includes start-up and the test pass.
 def later_setup(report: Report, number: int, session: Session) -> str:
     card, driver, versions = card_of(session)
     ran = " and ".join(sorted({name.split("-")[0] for name in session.runs}))
-    calls = ("the first call trained them side by side, the second resumed the two indirect-indexing runs alone"
-             if session.resumed("indirect-pope") else "one call trained them side by side")
+    if ROPE not in indirect_runs(session):
+        calls = ("PoPE alone on the GPU (no RoPE run), " +
+                 ("a second call resuming the first" if session.resumed("indirect-pope") else "in one call"))
+    elif session.resumed("indirect-pope"):
+        calls = "the first call trained them side by side, the second resumed the two indirect-indexing runs alone"
+    else:
+        calls = "one call trained them side by side"
     parts = []
     if "jsb-pope" in session.runs:
         parts.append("its JSB runs replace the first session's below")
@@ -575,24 +595,32 @@ def indirect_retry_section(report: Report) -> str:
     return "".join(indirect_retry(report, n, retry) for n, retry in enumerate(report.retries, start=2))
 
 
+def left_plateau_at(report: Report, run: Run) -> int | None:
+    """The first step at which a run's val accuracy was more than GAP_POINTS above attempt 1's plateau."""
+    return next((s for s, v in run.curve("val/accuracy") if v > report.plateau_top + GAP_POINTS / 100), None)
+
+
 def indirect_retry(report: Report, number: int, retry: Session) -> str:
     """A later indirect-indexing attempt against the first: schedule, test passes, curves at equal steps."""
     first = report.base
-    runs = {(m, a): s.runs[f"indirect-{m.lower()}"] for m in (POPE, ROPE) for a, s in ((1, first), (number, retry))}
+    models = list(indirect_runs(retry))
+    runs = {(m, 1): first.runs[f"indirect-{m.lower()}"] for m in (POPE, ROPE)}
+    runs.update({(m, number): retry.runs[f"indirect-{m.lower()}"] for m in models})
     curves = {key: dict(run.curve("val/accuracy")) for key, run in runs.items()}
     plan = {a: schedule(runs[POPE, a]) for a in (1, number)}
     batch = int(runs[POPE, number].num("trainer.global_batch_size"))
     last = {key: (first if key[1] == 1 else retry).step(run.name) for key, run in runs.items()}
     grid = [s for s in sorted(set.intersection(*(set(c) for c in curves.values()))) if s and s % TABLE_EVERY == 0]
-    rows = [[f"{s:,}", *(pct(curves[m, a][s]) for m in (POPE, ROPE) for a in (1, number)),
+    columns = [(m, a) for m in (POPE, ROPE) for a in (1, number) if (m, a) in runs]
+    rows = [[f"{s:,}", *(pct(curves[key][s]) for key in columns),
              *(sci(lr_at_step(runs[POPE, a], s), 1) for a in (1, number))] for s in grid]
-    head = ["step", "PoPE val, attempt 1", f"PoPE val, attempt {number}", "RoPE val, attempt 1",
-            f"RoPE val, attempt {number}", "lr, attempt 1", f"lr, attempt {number}"]
+    head = ["step", *(f"{m} val, attempt {a}" for m, a in columns), "lr, attempt 1", f"lr, attempt {number}"]
     pope1, pope_n = runs[POPE, 1], runs[POPE, number]
     pulls = next(step for step, gap in equal_step_gaps(first) if gap > GAP_POINTS)
     end_n = last[POPE, number]
     train_n, val_n = train_accuracy_before(pope_n, end_n), curves[POPE, number][max(curves[POPE, number])]
     passes = {key: last[key] * batch / TRAIN_PROBLEMS for key in runs}
+    alone = "" if ROPE in models else " PoPE trained alone on the GPU; no RoPE run in this attempt."
     if retry.resumed("indirect-pope"):
         call1, limit = retry.indirect_time_limits()
         shared = " shared with the JSB pair" if "jsb-pope" in retry.runs else ""
@@ -602,14 +630,28 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
         calls = (f"trained for {mmss(retry.logs['indirect-pope'].elapsed_s or 0)} in one call (no second call "
                  f"resumed them; the folder's README.md says why)")
     stopped = {m: "the wall-time limit" if retry.logs[runs[m, number].name].elapsed_s else "max_steps"
-               for m in (POPE, ROPE)}
-    stops = (f"both stopped by {stopped[POPE]}" if stopped[POPE] == stopped[ROPE]
+               for m in models}
+    reached = " and ".join(f"{m} {last[m, number]:,}" for m in models)
+    stops = (f"stopped by {stopped[POPE]}" if len(set(stopped.values())) == 1
              else f"stopped by {stopped[POPE]} and {stopped[ROPE]}")
-    left = [m for m in (POPE, ROPE) if left_plateau(report, runs[m, number])]
+    left = [m for m in models if left_plateau(report, runs[m, number])]
     outcome = ("Neither model left the plateau." if not left else
                f"{' and '.join(left)} left the plateau (val accuracy more than {GAP_POINTS:.0f} points above "
                f"attempt 1's plateau top of {pct(report.plateau_top)}).")
-    if train_n - val_n > GAP_POINTS / 100:
+    left_at = {a: left_plateau_at(report, runs[POPE, a]) for a in (1, number)}
+    if left_at[number] is not None:
+        outcome += f" PoPE did so at step {left_at[number]:,} (attempt 1: at step {left_at[1]:,})."
+    top_step, top = peak(pope_n)
+    if top - val_n > GAP_POINTS / 100:
+        loss = pope_n.curve("train/loss")
+        low_step, low = min(((s, v) for s, v in loss if s <= top_step + TRAIN_WINDOW), key=lambda p: p[1])
+        window = [v for s, v in loss if s > end_n - TRAIN_WINDOW]
+        outcome += (f" Its val accuracy peaked at {pct(top)} at step {top_step:,} (lr "
+                    f"{sci(lr_at_step(pope_n, top_step), 1)}), then fell to {pct(val_n)} by step {end_n:,} although "
+                    f"the lr kept decaying: the train loss, {low:.2f} at its lowest (step {low_step:,}), averaged "
+                    f"{sum(window) / len(window):.2f} over the last {TRAIN_WINDOW:,} steps. The model unlearned the "
+                    "task, a training instability rather than a lack of steps.")
+    elif train_n - val_n > GAP_POINTS / 100:
         outcome += (f" PoPE's train accuracy over its last {TRAIN_WINDOW:,} steps was {pct(train_n)} while its val "
                     f"accuracy was {pct(val_n)}: after {passes[POPE, number]:.1f} passes over the "
                     f"{TRAIN_PROBLEMS:,} training problems it was memorizing them rather than learning the rule.")
@@ -625,6 +667,10 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
                    f"{end_n:,}, before step {pulls:,}")
     else:
         lr_note = f"attempt {number} reached that lr too (lr {sci(lr_end, 1)} at its last step)"
+    seeds = "With one seed per attempt this does not separate the schedule from the seed. "
+    if all(math.isclose(lr_at_step(pope1, s), lr_at_step(pope_n, s), rel_tol=0.01) for s in grid):
+        seeds = (f"Up to step {grid[-1]:,} both attempts had the same seed and the same lr at every step: the "
+                 "runs below differ only through nondeterministic atomics and the kernel changes between sessions. ")
 
     def draw(fig: Figure) -> None:
         ax = fig.subplots()
@@ -642,14 +688,13 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
 ### Attempt {number}: {plan[number]} (`{retry.results.as_posix()}/`)
 
 The same runs with another lr schedule ({plan[number]}; attempt 1: {plan[1]}), everything else as in
-attempt 1 (`experiments/paper_session.sh`), {calls}. PoPE reached step {last[POPE, number]:,} and RoPE
-{last[ROPE, number]:,}, {stops}. The test split, scored at the end of each call:
+attempt 1 (`experiments/paper_session.sh`), {calls}.{alone} Reached: {reached} steps, {stops}. The test
+split, scored at the end of each call:
 
-{table(INDIRECT_TEST_HEAD, indirect_test_rows({POPE: pope_n, ROPE: runs[ROPE, number]}))}
+{table(INDIRECT_TEST_HEAD, indirect_test_rows({m: runs[m, number] for m in models}))}
 
 {outcome} In attempt 1 PoPE's lead first exceeded {GAP_POINTS:.0f} points at step {pulls:,}, when its lr had
-decayed to {sci(lr_pulled, 1)} ({passes[POPE, 1]:.1f} passes by its end); {lr_note}. With one seed per attempt
-this does not separate the schedule from the seed. {standing}
+decayed to {sci(lr_pulled, 1)} ({passes[POPE, 1]:.1f} passes by its end); {lr_note}. {seeds}{standing}
 
 {table(head, rows)}
 
@@ -882,6 +927,18 @@ found a fresh machine and brought nothing back):
 ```
 run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="INDIRECT_STEPS=60000 INDIRECT_DECAY=20000 "
     "TRAIN_TIME=00:00:08:00 bash experiments/paper_session.sh indirect")
+```
+
+Session 4 ran attempt 4, PoPE alone, in two calls fired back to back (the first call also ran
+`benchmarks/step_rate.sh` before it, whose PoPE run under CUDA graphs failed, so the default compile mode was
+used):
+
+```
+run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="COMPILE_MODE=default INDIRECT_POSITIONS=pope "
+    "INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:06:00 bash experiments/paper_session.sh indirect")
+run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="COMPILE_MODE=default INDIRECT_POSITIONS=pope "
+    "INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:13:40 RESUME=1 "
+    "bash experiments/paper_session.sh indirect")
 ```
 
 The logs committed are filtered: carriage-return progress lines and blank lines removed.
