@@ -40,6 +40,10 @@ INDIRECT_STEPS=${INDIRECT_STEPS:-50000}  # indirect indexing's trainer.max_steps
 INDIRECT_DECAY=${INDIRECT_DECAY:-0}  # its optim.decay_steps: the cosine ends there, then min_lr (0: at max_steps)
 INDIRECT_POSITIONS=${INDIRECT_POSITIONS:-pope rope}  # which indirect-indexing runs (alone, a run trains ~1.8x faster)
 COMPILE_MODE=${COMPILE_MODE:-default}  # their trainer.compile_mode (reduce-overhead: CUDA graphs; step_rate.sh)
+INDIRECT_LR=${INDIRECT_LR:-4e-4}  # their peak lr; the minimum is a tenth of it (the paper: 2e-4 -> 2e-5 at batch 64)
+# best: keep best.ckpt (lowest val loss) and score the test split with it, so that a late collapse (attempt 4,
+# docs/results.md) cannot erase what the run reached; last: the final weights
+INDIRECT_TEST_ON=${INDIRECT_TEST_ON:-last}
 
 # Indirect indexing. The paper: batch 64, lr 2e-4, 100k steps. Here the step is launch-bound, so batch 256
 # costs the same time per step as 64: 4x the samples per second, with the lr scaled by 2 (sqrt of 4), and a
@@ -47,10 +51,12 @@ COMPILE_MODE=${COMPILE_MODE:-default}  # their trainer.compile_mode (reduce-over
 if [[ $PARTS == *" indirect "* ]]; then
     [ -d "$DATA/indirect" ] || python3 -m pope_lm.cli prepare indirect --out "$DATA/indirect"
     indirect=(data.dataset="$DATA/indirect" trainer.global_batch_size=256 trainer.micro_batch_size=256
-        optim.lr=4e-4 optim.min_lr=4e-5 optim.warmup_steps=1000 trainer.max_steps="$INDIRECT_STEPS"
+        optim.lr="$INDIRECT_LR" optim.min_lr="$(python3 -c "print($INDIRECT_LR / 10)")" optim.warmup_steps=1000
+        trainer.max_steps="$INDIRECT_STEPS"
         optim.decay_steps="$INDIRECT_DECAY" trainer.max_time="$TRAIN_TIME"
         trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true
-        trainer.compile_mode="$COMPILE_MODE")
+        trainer.compile_mode="$COMPILE_MODE" trainer.test_on="$INDIRECT_TEST_ON")
+    [ "$INDIRECT_TEST_ON" = best ] && indirect+=(checkpoint.keep_best=true)
     if [ "$RESUME" = 1 ]; then
         # resume=auto starts afresh where no checkpoint exists, which here (a machine given back between calls:
         # /tmp is empty) would spend the whole call re-training what is lost and bring nothing back in time.

@@ -480,13 +480,17 @@ def train_accuracy_before(run: Run, step: int) -> float:
     return sum(train) / len(train)
 
 
-def indirect_test_rows(runs: dict[str, Run]) -> list[list[str]]:
-    """One row per test pass (the end of each call): step, test accuracy and loss, recent train accuracy."""
+def indirect_test_rows(session: Session, runs: dict[str, Run]) -> list[list[str]]:
+    """One row per test pass (the end of each call): step, test accuracy and loss, recent train accuracy. Where the
+    run scored the test split with its best validation's weights (trainer.test_on=best), the step says whose."""
     rows = []
     for model, run in runs.items():
         losses = dict(run.test("test/loss"))
-        for call, (step, acc) in enumerate(run.test("test/accuracy"), start=1):
-            rows.append([model, str(call), f"{step:,}", pct(acc), f"{losses[step]:.3f}",
+        logs = [f"{run.name}.first-call", run.name] if session.resumed(run.name) else [run.name]
+        for call, ((step, acc), log) in enumerate(zip(run.test("test/accuracy"), logs, strict=True), start=1):
+            tested = session.logs[log].tested_step
+            weights = f" (weights of step {tested:,}, the best val loss)" if tested is not None else ""
+            rows.append([model, str(call), f"{step:,}{weights}", pct(acc), f"{losses[step]:.3f}",
                          pct(train_accuracy_before(run, step))])
     return rows
 
@@ -509,7 +513,7 @@ def indirect_section(session: Session) -> str:
     steps = {m: session.step(run.name) for m, run in runs.items()}
     first = {m: session.step(f"{run.name}.first-call") for m, run in runs.items()}
     lr_stop = pope.metrics["lr"][-1][1]
-    test_rows = indirect_test_rows(runs)
+    test_rows = indirect_test_rows(session, runs)
 
     grid = [s for s in sorted(curves[POPE].keys() & curves[ROPE].keys()) if s % TABLE_EVERY == 0]
     curve_rows = [[f"{s:,}", pct(curves[ROPE][s]), pct(curves[POPE][s]),
@@ -691,7 +695,7 @@ The same runs with another lr schedule ({plan[number]}; attempt 1: {plan[1]}), e
 attempt 1 (`experiments/paper_session.sh`), {calls}.{alone} Reached: {reached} steps, {stops}. The test
 split, scored at the end of each call:
 
-{table(INDIRECT_TEST_HEAD, indirect_test_rows({m: runs[m, number] for m in models}))}
+{table(INDIRECT_TEST_HEAD, indirect_test_rows(retry, {m: runs[m, number] for m in models}))}
 
 {outcome} In attempt 1 PoPE's lead first exceeded {GAP_POINTS:.0f} points at step {pulls:,}, when its lr had
 decayed to {sci(lr_pulled, 1)} ({passes[POPE, 1]:.1f} passes by its end); {lr_note}. {seeds}{standing}
