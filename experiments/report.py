@@ -349,9 +349,13 @@ def schedule(run: Run) -> str:
     return f"cosine over {steps:,} steps"
 
 
+def left_plateau_at(report: Report, run: Run) -> int | None:
+    """The first step at which a run's val accuracy was more than GAP_POINTS above attempt 1's plateau."""
+    return next((s for s, v in run.curve("val/accuracy") if v > report.plateau_top + GAP_POINTS / 100), None)
+
+
 def left_plateau(report: Report, run: Run) -> bool:
-    """Whether a run's val accuracy rose more than GAP_POINTS above attempt 1's plateau."""
-    return max(v for _, v in run.curve("val/accuracy")) > report.plateau_top + GAP_POINTS / 100
+    return left_plateau_at(report, run) is not None
 
 
 def indirect_runs(session: Session) -> dict[str, str]:
@@ -597,11 +601,6 @@ Differences from the paper:
 
 def indirect_retry_section(report: Report) -> str:
     return "".join(indirect_retry(report, n, retry) for n, retry in enumerate(report.retries, start=2))
-
-
-def left_plateau_at(report: Report, run: Run) -> int | None:
-    """The first step at which a run's val accuracy was more than GAP_POINTS above attempt 1's plateau."""
-    return next((s for s, v in run.curve("val/accuracy") if v > report.plateau_top + GAP_POINTS / 100), None)
 
 
 def indirect_retry(report: Report, number: int, retry: Session) -> str:
