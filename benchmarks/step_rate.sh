@@ -23,7 +23,8 @@ for mode in $MODES; do
             trainer.global_batch_size=256 trainer.micro_batch_size=256 trainer.max_steps="$STEPS" \
             trainer.val_every_n_steps=100000 trainer.log_every_n_steps=100 trainer.test_at_end=false \
             checkpoint.every_n_steps=100000 trainer.compile_mode="$mode" run_dir="$run" >"$run.log" 2>&1 \
-            || { echo "$position $mode failed:"; tail -5 "$run.log"; continue; }
+            || { echo "$position $mode failed (whole log: $OUT/$(basename "$run").log):"; tail -5 "$run.log"
+                 cp "$run.log" "$OUT/"; continue; }
         STEPS=$STEPS RUN=$run MODE=$mode POSITION=$position WALL=$(($(date +%s) - start)) python3 - <<'PY'
 import os
 import statistics
