@@ -397,10 +397,14 @@ def run_shape(shape: tuple[int, int, int, int], rows: list[dict], check_fp16: bo
     torch.cuda.empty_cache()
 
 
+def quotient(x: float | None, y: float | None) -> float | None:
+    """x / y, None where either is missing."""
+    return x / y if x is not None and y else None
+
+
 def relative(results: dict, base: dict, key: str) -> float | None:
     """results[key] / base[key], None where either is missing."""
-    x, y = results.get(key), base.get(key)
-    return x / y if x is not None and y else None
+    return quotient(results.get(key), base.get(key))
 
 
 def fmt(x, spec: str) -> str:
@@ -430,14 +434,17 @@ def targets(rows: list[dict]) -> str:
         by = {r["case"].split()[0]: r for r in rows if r["shape"] == shape and "(A/B)" not in r["case"]}
         o, a, b, c = (by.get(x, {}) for x in ("ours", "a", "b", "c"))
 
-        def ratio(x, y, key):
-            value = relative(x, y, key)
+        def nan_if_none(value: float | None) -> float:
             return math.nan if value is None else value
+
+        def ratio(x, y, key):
+            return nan_if_none(relative(x, y, key))
+        c_over_graph = nan_if_none(quotient(c.get("fwd_bwd_ms"), o.get("fwd_bwd_graph_ms")))
         lines.append(
             f"{shape}: fwd/a {ratio(o, a, 'fwd_ms'):.2f} (<= 1.2), fwd+bwd/a {ratio(o, a, 'fwd_bwd_ms'):.2f} "
             f"(<= 1.3; CUDA graph {ratio(o, a, 'fwd_bwd_graph_ms'):.2f}), fwd+bwd/b {ratio(o, b, 'fwd_bwd_ms'):.2f} "
             f"(<= 1; CUDA graph {ratio(o, b, 'fwd_bwd_graph_ms'):.2f}), c/ours {ratio(c, o, 'fwd_bwd_ms'):.1f} (>= 10; "
-            f"against our CUDA-graph time {ratio(c, {'fwd_bwd_ms': o.get('fwd_bwd_graph_ms')}, 'fwd_bwd_ms'):.1f}), "
+            f"against our CUDA-graph time {c_over_graph:.1f}), "
             f"peak/a {ratio(o, a, 'peak_extra_mib'):.2f} (<= 1)")
     return "\n".join(lines)
 
