@@ -607,8 +607,8 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
     """A later indirect-indexing attempt against the first: schedule, test passes, curves at equal steps."""
     first = report.base
     models = list(indirect_runs(retry))
-    runs = {(m, 1): first.runs[f"indirect-{m.lower()}"] for m in (POPE, ROPE)}
-    runs.update({(m, number): retry.runs[f"indirect-{m.lower()}"] for m in models})
+    runs = {(m, 1): first.runs[name] for m, name in indirect_runs(first).items()}
+    runs.update({(m, number): retry.runs[name] for m, name in indirect_runs(retry).items()})
     curves = {key: dict(run.curve("val/accuracy")) for key, run in runs.items()}
     plan = {a: schedule(runs[POPE, a]) for a in (1, number)}
     batch = int(runs[POPE, number].num("trainer.global_batch_size"))
