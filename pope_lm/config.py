@@ -60,7 +60,9 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 100_000  # optimizer steps; the cosine schedule decays to min_lr at this step
     global_batch_size: int = 64  # sequences per optimizer step, over all ranks and accumulation steps
-    micro_batch_size: int = 8  # sequences per forward/backward on one device
+    # Sequences per forward/backward on one device, or auto: the largest that divides global_batch_size / world size
+    # and fits the GPU, found by probing training steps (on the CPU: the largest not above 8; pope_lm/batch_size.py)
+    micro_batch_size: int | str = 8
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: int = 1
     num_nodes: int = 1
@@ -177,7 +179,7 @@ def validate(cfg: RunConfig) -> None:
     positive = {
         "model.vocab_size": m.vocab_size, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
         "model.head_dim": m.head_dim, "model.d_model": m.d_model, "data.seq_len": cfg.data.seq_len,
-        "trainer.max_steps": cfg.trainer.max_steps, "trainer.micro_batch_size": cfg.trainer.micro_batch_size,
+        "trainer.max_steps": cfg.trainer.max_steps,
         "trainer.global_batch_size": cfg.trainer.global_batch_size, "trainer.devices": cfg.trainer.devices,
         "trainer.num_nodes": cfg.trainer.num_nodes, "checkpoint.every_n_steps": cfg.checkpoint.every_n_steps,
         "checkpoint.keep_last": cfg.checkpoint.keep_last, "trainer.val_every_n_steps": cfg.trainer.val_every_n_steps,
@@ -212,6 +214,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"'model.attention_backend' triton supports head_dim 32, 64 or 128; got {m.head_dim} "
                           "(use auto, which falls back to the reference backend)")
     t = cfg.trainer
+    if t.micro_batch_size != "auto" and not (isinstance(t.micro_batch_size, int) and t.micro_batch_size > 0):
+        raise ConfigError(f"'trainer.micro_batch_size' must be a positive integer or auto; got {t.micro_batch_size!r}")
     if t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"'trainer.zero_stage' must be one of 1, 2, 3; got {t.zero_stage}")
     if t.strategy != "deepspeed" and (t.offload_optimizer or t.offload_params or t.deepspeed_config):

@@ -51,10 +51,18 @@ _RECIPE_OWNED = {
 }
 
 
+def world_size(cfg: RunConfig) -> int:
+    """The processes of a run: trainer.devices per node x trainer.num_nodes (what `check_launcher_geometry` holds
+    the launcher to)."""
+    return cfg.trainer.devices * cfg.trainer.num_nodes
+
+
 def accumulation_steps(cfg: RunConfig) -> int:
     """Micro-batches per optimizer step so that micro x world size x accumulation = global batch."""
     t = cfg.trainer
-    world = t.devices * t.num_nodes
+    if not isinstance(t.micro_batch_size, int):  # train() resolves auto (pope_lm/batch_size.py) before this is asked
+        raise TypeError(f"trainer.micro_batch_size={t.micro_batch_size} is not resolved to a number yet")
+    world = world_size(cfg)
     per_step = t.micro_batch_size * world
     if t.global_batch_size % per_step:
         raise ConfigError(

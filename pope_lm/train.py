@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from pope_lm.batch_size import SameMicroBatchOnEveryRank, resolve_micro_batch_size
 from pope_lm.checkpointing import (
     BEST_CHECKPOINT,
     AlignStepsOnResume,
@@ -22,6 +23,7 @@ from pope_lm.checkpointing import (
 )
 from pope_lm.config import ConfigError, RunConfig
 from pope_lm.data import TokenDataModule
+from pope_lm.lit_module import CONFIG_KEY
 from pope_lm.monitoring import SpeedMonitor, StepProgressBar, peak_flops
 from pope_lm.strategy import (
     Preempted,
@@ -70,14 +72,18 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
     if cfg.model.attention_backend == "triton" and accelerator != "gpu":
         raise ConfigError("'model.attention_backend' triton needs a GPU; use reference or auto on CPU")
     check_launcher_geometry(cfg)
-    accumulate = accumulation_steps(cfg)
-    precision = resolve_precision(cfg, accelerator)
-    strategy = build_strategy(cfg, accelerator, precision)
     resume_path = resolve_resume(cfg.resume, checkpoint_dir)
     if resume_path is not None and resume_path.is_dir() != (cfg.trainer.strategy == "deepspeed"):
         kind, needed = ("a DeepSpeed (ZeRO)", "deepspeed") if resume_path.is_dir() else ("a native", "ddp or auto")
         raise ConfigError(f"{resume_path} is {kind} checkpoint; resume it with trainer.strategy={needed}")
-    run_id = _stored_run_id(resume_path)
+    run_id, resumed_cfg = _resumed_entries(resume_path)
+    precision = resolve_precision(cfg, accelerator)
+    # auto becomes a number here, so that accumulation, DeepSpeed's config, the data module, the logged params and
+    # the checkpoints' config all get the one that runs.
+    auto_micro_batch = cfg.trainer.micro_batch_size == "auto"
+    cfg = resolve_micro_batch_size(cfg, accelerator, precision, resumed_cfg)
+    accumulate = accumulation_steps(cfg)
+    strategy = build_strategy(cfg, accelerator, precision)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -113,6 +119,8 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
     ]
     if logger is not None:
         callbacks.append(RunIdInCheckpoint(logger))
+    if auto_micro_batch:
+        callbacks.append(SameMicroBatchOnEveryRank(cfg.trainer.micro_batch_size))  # type: ignore[arg-type]
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=cfg.trainer.devices,
@@ -182,7 +190,9 @@ def _start_from_weights(module: L.LightningModule, cfg: RunConfig) -> None:
     log.info("starting from the weights of %s", cfg.init_from)
 
 
-def _stored_run_id(checkpoint: Path | None) -> str | None:
+def _resumed_entries(checkpoint: Path | None) -> tuple[str | None, dict[str, Any] | None]:
+    """The MLflow run id and the run config stored in the checkpoint a run resumes from (None for a fresh run)."""
     if checkpoint is None:
-        return None
-    return checkpoint_state(checkpoint).get(RUN_ID_KEY)
+        return None, None
+    state = checkpoint_state(checkpoint)
+    return state.get(RUN_ID_KEY), state.get(CONFIG_KEY)

@@ -27,6 +27,11 @@ def test_overrides_win_over_the_recipe():
     assert (cfg.model.position, cfg.trainer.max_steps, cfg.optim.lr) == ("rope", 7, 1e-3)
 
 
+def test_micro_batch_size_takes_a_number_or_auto():
+    assert load_config("recipes/tiny.yaml", ["trainer.micro_batch_size=4"]).trainer.micro_batch_size == 4
+    assert load_config("recipes/tiny.yaml", ["trainer.micro_batch_size=auto"]).trainer.micro_batch_size == "auto"
+
+
 def test_flatten_gives_dotted_keys():
     flat = flatten(load_config("recipes/tiny.yaml"))
     assert flat["model.n_layer"] == 4 and flat["data.dataset"] == "shakespeare"
@@ -46,6 +51,10 @@ def test_flatten_gives_dotted_keys():
         (["trainer.test_on=best"], "'trainer.test_on' best needs checkpoint.keep_best=true"),
         (["trainer.test_on=first"], "'trainer.test_on' must be one of last, best"),
         (["trainer.compile_mode=fast"], "'trainer.compile_mode' must be one of default, reduce-overhead"),
+        (["trainer.micro_batch_size=0"], "'trainer.micro_batch_size' must be a positive integer or auto; got 0"),
+        (["trainer.micro_batch_size=-3"], "'trainer.micro_batch_size' must be a positive integer or auto; got -3"),
+        (["trainer.micro_batch_size=big"], "'trainer.micro_batch_size' must be a positive integer or auto; got 'big'"),
+        (["trainer.micro_batch_size=2.5"], "wrong type for 'trainer.micro_batch_size'"),
     ],
 )
 def test_bad_overrides_raise_one_line_naming_the_key(overrides, fragment):
@@ -67,6 +76,8 @@ def test_unknown_key_in_a_recipe_file_lists_the_valid_keys(tmp_path):
         (["train", "missing.yaml"], "error: recipe file not found: missing.yaml"),
         (["train", "recipes/tiny.yaml", "model.nope=1"], "error: unknown key 'model.nope'"),
         (["train", "recipes/tiny.yaml", "trainer.devices=two"], "error: wrong type for 'trainer.devices'"),
+        (["train", "recipes/tiny.yaml", "trainer.micro_batch_size=big"],
+         "error: 'trainer.micro_batch_size' must be a positive integer or auto; got 'big'"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line_with_exit_code_2(argv, fragment, capsys):
