@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import re
+import statistics
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ POPE, ROPE, YARN, YARN_FT = "PoPE", "RoPE", "RoPE+YaRN (s=10)", "RoPE+YaRN ft409
 PLOTS = "results"  # the plots' folder, beside the markdown
 RESULTS = (Path("experiments/results/2026-11-25-h100"), Path("experiments/results/2026-11-26-h100"),
            Path("experiments/results/2026-11-26-h100-indirect-attempt3"),
-           Path("experiments/results/2026-11-26-h100-indirect-attempt4"))
+           Path("experiments/results/2026-11-26-h100-indirect-attempt4"),
+           Path("experiments/results/2026-11-26-h100-indirect-attempt5"))
 RUNS = ("indirect-pope", "indirect-rope", "jsb-pope", "jsb-rope", "extrapolation-pope", "extrapolation-rope",
         "extrapolation-rope-yarn-ft4096")
 # The log that starts after each run has ended (experiments/paper_session.sh runs these stages one after another).
@@ -344,9 +346,10 @@ def summary_section(report: Report) -> str:
 def schedule(run: Run) -> str:
     """An indirect-indexing run's lr schedule in words (exports from before optim.decay_steps lack the key)."""
     steps, decay = int(run.num("trainer.max_steps")), int(float(run.params.get("optim.decay_steps", 0)))
+    lrs = f"lr {sci(run.num('optim.lr'))} -> {sci(run.num('optim.min_lr'))}"
     if decay:
-        return f"cosine over {decay:,} steps, then the min lr"
-    return f"cosine over {steps:,} steps"
+        return f"{lrs}, cosine over {decay:,} steps, then the min lr"
+    return f"{lrs}, cosine over {steps:,} steps"
 
 
 def left_plateau_at(report: Report, run: Run) -> int | None:
@@ -503,6 +506,11 @@ INDIRECT_TEST_HEAD = ["model", "call", "step", "test accuracy", "test loss",
                       f"train accuracy, last {TRAIN_WINDOW:,} steps"]
 
 
+def grad_norm_before(run: Run, step: int) -> float:
+    """Median pre-clip gradient norm over the TABLE_EVERY steps up to `step`."""
+    return statistics.median(v for s, v in run.curve("grad_norm") if step - TABLE_EVERY < s <= step)
+
+
 def lr_at_step(run: Run, step: int) -> float:
     return min(run.curve("lr"), key=lambda p: abs(p[0] - step))[1]
 
@@ -616,8 +624,10 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
     grid = [s for s in sorted(set.intersection(*(set(c) for c in curves.values()))) if s and s % TABLE_EVERY == 0]
     columns = [(m, a) for m in (POPE, ROPE) for a in (1, number) if (m, a) in runs]
     rows = [[f"{s:,}", *(pct(curves[key][s]) for key in columns),
-             *(sci(lr_at_step(runs[POPE, a], s), 1) for a in (1, number))] for s in grid]
-    head = ["step", *(f"{m} val, attempt {a}" for m, a in columns), "lr, attempt 1", f"lr, attempt {number}"]
+             *(sci(lr_at_step(runs[POPE, a], s), 1) for a in (1, number)),
+             *(f"{grad_norm_before(runs[POPE, a], s):.1f}" for a in (1, number))] for s in grid]
+    head = ["step", *(f"{m} val, attempt {a}" for m, a in columns), "lr, attempt 1", f"lr, attempt {number}",
+            "PoPE grad norm, attempt 1", f"PoPE grad norm, attempt {number}"]
     pope1, pope_n = runs[POPE, 1], runs[POPE, number]
     pulls = next(step for step, gap in equal_step_gaps(first) if gap > GAP_POINTS)
     end_n = last[POPE, number]
@@ -649,9 +659,12 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
         loss = pope_n.curve("train/loss")
         low_step, low = min(((s, v) for s, v in loss if s <= top_step + TRAIN_WINDOW), key=lambda p: p[1])
         window = [v for s, v in loss if s > end_n - TRAIN_WINDOW]
-        outcome += (f" Its val accuracy peaked at {pct(top)} at step {top_step:,} (lr "
-                    f"{sci(lr_at_step(pope_n, top_step), 1)}), then fell to {pct(val_n)} by step {end_n:,} although "
-                    f"the lr kept decaying: the train loss, {low:.2f} at its lowest (step {low_step:,}), averaged "
+        lr_top, lr_last = lr_at_step(pope_n, top_step), lr_at_step(pope_n, end_n)
+        lr_after = ("although the lr kept decaying" if lr_last < lr_top * 0.99 else
+                    f"at a constant lr of {sci(lr_last, 1)}, the schedule's minimum")
+        outcome += (f" Its val accuracy peaked at {pct(top)} at step {top_step:,} (lr {sci(lr_top, 1)}), then "
+                    f"fell to {pct(val_n)} by step {end_n:,} {lr_after}: the train loss, {low:.2f} at its lowest "
+                    f"(step {low_step:,}), averaged "
                     f"{sum(window) / len(window):.2f} over the last {TRAIN_WINDOW:,} steps. The model unlearned the "
                     "task, a training instability rather than a lack of steps.")
     elif train_n - val_n > GAP_POINTS / 100:
@@ -698,6 +711,9 @@ split, scored at the end of each call:
 
 {outcome} In attempt 1 PoPE's lead first exceeded {GAP_POINTS:.0f} points at step {pulls:,}, when its lr had
 decayed to {sci(lr_pulled, 1)} ({passes[POPE, 1]:.1f} passes by its end); {lr_note}. {seeds}{standing}
+
+The grad-norm columns are PoPE's median gradient norm before clipping (clipped to {runs[POPE, number].num(
+"optim.grad_clip"):.1f}) over the {TABLE_EVERY:,} steps up to each row.
 
 {table(head, rows)}
 
@@ -942,6 +958,18 @@ run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="COMPILE_MODE=default
 run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="COMPILE_MODE=default INDIRECT_POSITIONS=pope "
     "INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:13:40 RESUME=1 "
     "bash experiments/paper_session.sh indirect")
+```
+
+Session 5 ran attempt 5, PoPE alone at the paper's peak lr, keeping the best validation's weights for the test
+split, in two calls fired back to back:
+
+```
+run(kind="nvidia-h100-x1", carry=[".whl"], command="COMPILE_MODE=default INDIRECT_POSITIONS=pope "
+    "INDIRECT_LR=2e-4 INDIRECT_TEST_ON=best INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:07:50 "
+    "bash experiments/paper_session.sh indirect")
+run(kind="nvidia-h100-x1", carry=[".whl"], command="COMPILE_MODE=default INDIRECT_POSITIONS=pope "
+    "INDIRECT_LR=2e-4 INDIRECT_TEST_ON=best INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:15:40 "
+    "RESUME=1 bash experiments/paper_session.sh indirect")
 ```
 
 The logs committed are filtered: carriage-return progress lines and blank lines removed.
