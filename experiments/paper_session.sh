@@ -44,10 +44,13 @@ INDIRECT_LR=${INDIRECT_LR:-4e-4}  # their peak lr; the minimum is a tenth of it 
 # best: keep best.ckpt (lowest val loss) and score the test split with it, so that a late collapse (attempt 4,
 # docs/results.md) cannot erase what the run reached; last: the final weights
 INDIRECT_TEST_ON=${INDIRECT_TEST_ON:-last}
+# More overrides for the indirect-indexing runs, space-separated, applied last (e.g. "optim.weight_decay=0.1")
+read -r -a INDIRECT_EXTRA <<<"${INDIRECT_OVERRIDES:-}"
 
 # Indirect indexing. The paper: batch 64, lr 2e-4, 100k steps. Here the step is launch-bound, so batch 256
-# costs the same time per step as 64: 4x the samples per second, with the lr scaled by 2 (sqrt of 4), and a
-# schedule compressed to what fits the call (see docs/results.md). 39 validation batches of 256 cover the val split.
+# costs the same time per step as 64: 4x the samples per second, and a schedule compressed to what fits the call.
+# The default lr is scaled by 2 (sqrt of 4); attempt 5 (INDIRECT_LR=2e-4, the paper's) learned far better
+# (docs/results.md). 39 validation batches of 256 cover the val split.
 if [[ $PARTS == *" indirect "* ]]; then
     [ -d "$DATA/indirect" ] || python3 -m pope_lm.cli prepare indirect --out "$DATA/indirect"
     indirect=(data.dataset="$DATA/indirect" trainer.global_batch_size=256 trainer.micro_batch_size=256
@@ -57,6 +60,7 @@ if [[ $PARTS == *" indirect "* ]]; then
         trainer.val_every_n_steps=1000 data.val_batches=39 checkpoint.every_n_steps=5000 trainer.compile=true
         trainer.compile_mode="$COMPILE_MODE" trainer.test_on="$INDIRECT_TEST_ON")
     [ "$INDIRECT_TEST_ON" = best ] && indirect+=(checkpoint.keep_best=true)
+    indirect+=("${INDIRECT_EXTRA[@]}")
     if [ "$RESUME" = 1 ]; then
         # resume=auto starts afresh where no checkpoint exists, which here (a machine given back between calls:
         # /tmp is empty) would spend the whole call re-training what is lost and bring nothing back in time.

@@ -352,6 +352,20 @@ def schedule(run: Run) -> str:
     return f"{lrs}, cosine over {steps:,} steps"
 
 
+# Keys that differ between indirect-indexing attempts by design: the schedule (schedule() names it), the wall-time
+# limit and which weights are tested (the test table names them).
+ATTEMPT_KEYS = {"optim.lr", "optim.min_lr", "optim.decay_steps", "trainer.max_steps", "trainer.max_time",
+                "trainer.test_on", "checkpoint.keep_best"}
+
+
+def other_differences(first: Run, later: Run) -> str:
+    """The settings, beyond ATTEMPT_KEYS, in which a later attempt's run differs from attempt 1's, in words
+    (keys attempt 1's export lacks were added to pope-lm later, at their defaults)."""
+    changed = [f"{key}={later.params[key]} (attempt 1: {value})" for key, value in sorted(first.params.items())
+               if key not in ATTEMPT_KEYS and key in later.params and later.params[key] != value]
+    return "except " + ", ".join(changed) if changed else "everything else as in attempt 1"
+
+
 def left_plateau_at(report: Report, run: Run) -> int | None:
     """The first step at which a run's val accuracy was more than GAP_POINTS above attempt 1's plateau."""
     return next((s for s, v in run.curve("val/accuracy") if v > report.plateau_top + GAP_POINTS / 100), None)
@@ -703,8 +717,8 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
     return f"""
 ### Attempt {number}: {plan[number]} (`{retry.results.as_posix()}/`)
 
-The same runs with another lr schedule ({plan[number]}; attempt 1: {plan[1]}), everything else as in
-attempt 1 (`experiments/paper_session.sh`), {calls}.{alone} Reached: {reached} steps, {stops}. The test
+The same runs with another lr schedule ({plan[number]}; attempt 1: {plan[1]}), {other_differences(pope1, pope_n)}
+(`experiments/paper_session.sh`), {calls}.{alone} Reached: {reached} steps, {stops}. The test
 split, scored at the end of each call:
 
 {table(INDIRECT_TEST_HEAD, indirect_test_rows(retry, {m: runs[m, number] for m in models}))}

@@ -39,3 +39,15 @@ def test_indirect_test_rows_say_whose_weights_a_best_validation_test_scored() ->
     rows = report.indirect_test_rows(session, {"PoPE": run})
     assert [row[2] for row in rows] == ["1,200", "3,000 (weights of step 2,000, the best val loss)"]
     assert [row[3] for row in rows] == ["50.0 %", "90.0 %"]
+
+
+def test_a_later_attempt_names_the_settings_it_changed_beyond_the_schedule() -> None:
+    report = _load_report()
+    first = report.Run("indirect-pope", "FINISHED", {"optim.lr": "4e-4", "optim.weight_decay": "0.01",
+                                                     "seed": "0"}, {})
+    same = report.Run("indirect-pope", "FINISHED", {"optim.lr": "2e-4", "optim.weight_decay": "0.01", "seed": "0",
+                                                    "trainer.compile_mode": "default"}, {})
+    assert report.other_differences(first, same) == "everything else as in attempt 1"
+    changed = report.Run("indirect-pope", "FINISHED", {"optim.lr": "2e-4", "optim.weight_decay": "0.1",
+                                                       "seed": "0"}, {})
+    assert report.other_differences(first, changed) == "except optim.weight_decay=0.1 (attempt 1: 0.01)"
