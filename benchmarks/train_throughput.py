@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pope_lm.batch_size import resolve_micro_batch_size
 from pope_lm.config import ModelConfig, RunConfig, load_config
 from pope_lm.lit_module import LitGPT
 from pope_lm.model import GPT, padded_vocab_size
@@ -253,11 +254,21 @@ def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps
     return results
 
 
+def parse_micro_batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"--micro-batch: expected a number or auto, got {text!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=["124m", "774m"])
-    parser.add_argument("--micro-batch", nargs="+", type=int, default=None,
-                        help="one per recipe (default: the recipe's trainer.micro_batch_size)")
+    parser.add_argument("--micro-batch", nargs="+", default=None,
+                        help="one per recipe, a number or auto (the size trainer.micro_batch_size=auto picks for "
+                             "the PoPE run, then used by every variant; default: the recipe's)")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--peak-tflops", type=float, default=0.0)
@@ -270,7 +281,10 @@ def main() -> None:
     results: list[Result] = []
     for i, recipe in enumerate(args.recipes):
         cfg = load_config(f"recipes/{recipe}.yaml")
-        micro_batch = args.micro_batch[i] if args.micro_batch else cfg.trainer.micro_batch_size
+        if args.micro_batch:
+            cfg = replace(cfg, trainer=replace(cfg.trainer, micro_batch_size=parse_micro_batch(args.micro_batch[i])))
+        cfg = resolve_micro_batch_size(cfg, "gpu" if device.type == "cuda" else "cpu", "bf16-mixed")
+        micro_batch = int(cfg.trainer.micro_batch_size)
         if args.smoke:
             cfg = replace(cfg, model=replace(cfg.model, n_layer=2, d_model=64, n_head=2, head_dim=32, vocab_size=512),
                           data=replace(cfg.data, seq_len=64))
