@@ -56,15 +56,29 @@ def pope_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Differentiable in q, k, v and delta through autograd.
     """
     _check_shapes(q, k, v, delta)
+    q2, k2 = _cartesian_pair(q, k, delta, theta, q_offset)
+    scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else sm_scale
+    return sdpa(q2.to(q.dtype), k2.to(q.dtype), v, causal=causal, scale=scale, q_offset=q_offset)
+
+
+def pope_scores(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, *, sm_scale: float | None = None,
+                theta: float = 10000.0, q_offset: int = 0) -> torch.Tensor:
+    """The pre-softmax logits a[i, j] of `pope_attention_reference`, (B, H, Nq, Nk) in fp32 (float64 for float64
+    inputs), unmasked."""
+    q2, k2 = _cartesian_pair(q, k, delta, theta, q_offset)
+    scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else sm_scale
+    return scale * q2 @ k2.transpose(-1, -2)
+
+
+def _cartesian_pair(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, theta: float,
+                    q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q' and k' (module docstring) in the compute dtype: fp32, or float64 for float64 inputs."""
     n_q, n_k, head_dim = q.shape[2], k.shape[2], q.shape[3]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     freqs = pope_frequencies(head_dim, theta, q.device, compute)
     q_pos = torch.arange(q_offset, q_offset + n_q, device=q.device)
     k_pos = torch.arange(n_k, device=q.device)
-    q2 = pope_cartesian(q, q_pos, freqs).to(q.dtype)
-    k2 = pope_cartesian(k, k_pos, freqs, delta).to(q.dtype)
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-    return sdpa(q2, k2, v, causal=causal, scale=scale, q_offset=q_offset)
+    return pope_cartesian(q, q_pos, freqs), pope_cartesian(k, k_pos, freqs, delta)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,

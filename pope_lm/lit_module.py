@@ -81,6 +81,23 @@ class LitGPT(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._update_eval(batch)
+        if batch_idx == 0:
+            self._log_attention_logits(batch[:1, :-1])
+
+    def _log_attention_logits(self, idx: torch.Tensor) -> None:
+        """`attn/max_logit` (and per layer `attn/max_logit/layer_<i>`) on one validation sequence.
+
+        Run eager on the uncompiled model, so the compiled graph stays as it is. Not under ZeRO-3, whose
+        partitioned weights are gathered only inside the engine's own forward."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+            return
+        model = getattr(self.model, "_orig_mod", self.model)  # torch.compile's wrapper keeps the module here
+        maxima = model.max_attention_logits(idx)
+        # The largest over the ranks' sequences: one small all-reduce per value, once per validation.
+        self.log("attn/max_logit", maxima.amax(), sync_dist=True, reduce_fx="max")
+        for layer, value in enumerate(maxima):
+            self.log(f"attn/max_logit/layer_{layer}", value, sync_dist=True, reduce_fx="max")
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pope_lm.config import ModelConfig
+from pope_lm.kernels.reference import causal_mask
 from pope_lm.position import PoPE, build_position
 
 # A layer's cache: the raw (un-rotated) keys and the values of every position seen so far, (B, H, N, D) each.
@@ -32,9 +33,15 @@ class CausalSelfAttention(nn.Module):
         self.position = build_position(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw q, k, v of x (B, T, C), each (B, H, T, D)."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
         b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project(x)
         q_offset = 0
         if cache is not None:
             q_offset = cache[0].shape[2]
@@ -42,6 +49,20 @@ class CausalSelfAttention(nn.Module):
         y = self.position.attend(q, k, v, q_offset=q_offset)
         y = y.transpose(1, 2).reshape(b, t, c)
         return self.dropout(self.out(y)), (k, v)
+
+    def max_logit(self, x: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+        """The largest pre-softmax logit over the batch, heads and causal (query, key) pairs of x (B, T, C).
+
+        Scored `rows` queries at a time against the keys they see, so that the (H, rows, T) logits stay small at
+        long context."""
+        q, k, _ = self.project(x)
+        best = []
+        for start in range(0, q.shape[2], rows):
+            end = min(start + rows, q.shape[2])
+            logits = self.position.scores(q[:, :, start:end], k[:, :, :end], q_offset=start)
+            visible = causal_mask(end - start, end, start, logits.device)
+            best.append(logits.masked_fill(~visible, -math.inf).amax())
+        return torch.stack(best).amax()
 
 
 class MLP(nn.Module):
@@ -115,6 +136,20 @@ class GPT(nn.Module):
             x, cache = block(x, None if caches is None else caches[i])
             new_caches.append(cache)
         return self.head(x)[..., : self.cfg.vocab_size], new_caches
+
+    @torch.no_grad()
+    def max_attention_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Per layer, the largest pre-softmax attention logit on `idx` (B, T), as a (n_layer,) tensor on its device.
+
+        Logits that keep growing sharpen the attention until training turns unstable (Dehghani et al. 2023,
+        arXiv 2302.05442; Wortsman et al. 2023, arXiv 2309.14322): logged at validation as an early warning. PoPE's
+        softplus magnitudes are unbounded, so its logits can grow without a weight growing visibly."""
+        x = self.dropout(self.embedding(idx))
+        maxima = []
+        for block in self.blocks:
+            maxima.append(block.attn.max_logit(block.attn_norm(x)))
+            x, _ = block(x)
+        return torch.stack(maxima)
 
     @torch.no_grad()
     def clamp_phase_biases_(self) -> None:

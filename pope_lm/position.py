@@ -2,7 +2,9 @@
 
 They share one interface, `attend(q, k, v, q_offset) -> out` with q: (B, H, Nq, D) and k, v: (B, H, Nk, D)
 holding *raw* projections: the query row i sits at position q_offset + i and key row j at position j, so
-a KV cache stores un-rotated keys and decoding passes q_offset = number of cached positions.
+a KV cache stores un-rotated keys and decoding passes q_offset = number of cached positions. `scores(q, k,
+q_offset)` gives the pre-softmax logits of the same attention, (B, H, Nq, Nk) in fp32 (or wider) and unmasked, for
+diagnostics (GPT.max_attention_logits).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from pope_lm.config import ModelConfig
 from pope_lm.kernels import pope_attention_reference
-from pope_lm.kernels.reference import sdpa
+from pope_lm.kernels.reference import pope_scores, sdpa
 from pope_lm.rope_scaling import attention_logit_scale, rope_inverse_frequencies
 
 
@@ -49,8 +51,14 @@ class PoPE(nn.Module):
         """Project delta back into [-2 pi, 0] (called after every optimizer step)."""
         self.delta.clamp_(self.DELTA_MIN, self.DELTA_MAX)
 
+    def scores(self, q: torch.Tensor, k: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+        return pope_scores(q, k, self._delta(), theta=self.theta, q_offset=q_offset)
+
+    def _delta(self) -> torch.Tensor:
+        return self.delta.float().clamp(self.DELTA_MIN, self.DELTA_MAX)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-        delta = self.delta.float().clamp(self.DELTA_MIN, self.DELTA_MAX)
+        delta = self._delta()
         if _use_triton(self.backend, q):
             try:  # imported lazily: only CUDA runs need Triton (an exported HF model may lack pope_lm.kernels)
                 from pope_lm.kernels import pope_attention
@@ -90,12 +98,21 @@ class RoPE(nn.Module):
         rotated_half = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
         return (x32 * cos + rotated_half * sin).to(x.dtype)
 
+    def _rotated(self, q: torch.Tensor, k: torch.Tensor, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q_pos = torch.arange(q_offset, q_offset + q.shape[2], device=q.device)
+        k_pos = torch.arange(k.shape[2], device=k.device)
+        return self.rotate(q, q_pos), self.rotate(k, k_pos)
+
+    def _scale(self) -> float:
+        return self.logit_scale / math.sqrt(self.head_dim)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+        q, k = self._rotated(q, k, q_offset)
+        return self._scale() * _at_least_fp32(q) @ _at_least_fp32(k).transpose(-1, -2)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-        n_q, n_k = q.shape[2], k.shape[2]
-        q_pos = torch.arange(q_offset, q_offset + n_q, device=q.device)
-        k_pos = torch.arange(n_k, device=k.device)
-        scale = self.logit_scale / math.sqrt(self.head_dim)
-        return sdpa(self.rotate(q, q_pos), self.rotate(k, k_pos), v, causal=True, scale=scale, q_offset=q_offset)
+        q, k = self._rotated(q, k, q_offset)
+        return sdpa(q, k, v, causal=True, scale=self._scale(), q_offset=q_offset)
 
 
 class NoPosition(nn.Module):
@@ -104,6 +121,9 @@ class NoPosition(nn.Module):
     def __init__(self, head_dim: int) -> None:
         super().__init__()
         self.head_dim = head_dim
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+        return _at_least_fp32(q) @ _at_least_fp32(k).transpose(-1, -2) / math.sqrt(self.head_dim)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
         return sdpa(q, k, v, causal=True, scale=1.0 / math.sqrt(self.head_dim), q_offset=q_offset)
@@ -119,6 +139,10 @@ def build_position(cfg: ModelConfig) -> PositionEncoding:
         return RoPE(cfg.head_dim, cfg.theta, cfg.rope_scaling_type, cfg.rope_scaling_factor,
                     cfg.rope_original_max_len)
     return NoPosition(cfg.head_dim)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _use_triton(backend: str, q: torch.Tensor) -> bool:

@@ -69,3 +69,39 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(loss_ckpt, loss_plain, rtol=0, atol=0)
     for plain, ckpt in zip(grads_plain, grads_ckpt, strict=True):
         torch.testing.assert_close(ckpt, plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("position", ["pope", "rope"])
+def test_max_attention_logits_is_the_largest_causal_logit_of_each_layer(position):
+    torch.manual_seed(0)
+    model = GPT(small_config(position=position, delta_init="uniform")).double().eval()
+    idx = torch.randint(0, 100, (2, 9))
+    # By hand: each block's q, k from its normed input, all logits at once, future keys masked out.
+    expected, x = [], model.embedding(idx)
+    for block in model.blocks:
+        q, k, _ = block.attn.project(block.attn_norm(x))
+        logits = block.attn.position.scores(q, k)
+        future = torch.ones(9, 9, dtype=torch.bool).triu(1)
+        expected.append(logits.masked_fill(future, -torch.inf).amax())
+        x, _ = block(x)
+    torch.testing.assert_close(model.max_attention_logits(idx), torch.stack(expected))
+    # scored 4 query rows at a time, the same maximum
+    block = model.blocks[1]
+    x1 = block.attn_norm(model.blocks[0](model.embedding(idx))[0])
+    torch.testing.assert_close(block.attn.max_logit(x1, rows=4), expected[1])
+
+
+def test_max_attention_logits_ignores_logits_of_future_keys():
+    # Token 1's query and token 2's key both lie along one direction, every other q, k is zero: the one nonzero
+    # logit pairs the query at position 0 with a key after it, which causal attention never sees.
+    model = GPT(small_config(position="none", n_layer=1)).double().eval()
+    with torch.no_grad():
+        model.embedding.weight.zero_()
+        model.embedding.weight[1, 0] = model.embedding.weight[2, 1] = 1.0
+        qkv = model.blocks[0].attn.qkv.weight
+        qkv.zero_()
+        qkv[0, 0] = qkv[32, 1] = 1.0  # q[head 0, dim 0] = x_0, k[head 0, dim 0] = x_1
+    idx = torch.tensor([[1, 2, 2, 2]])
+    q, k, _ = model.blocks[0].attn.project(model.blocks[0].attn_norm(model.embedding(idx)))
+    assert model.blocks[0].attn.position.scores(q, k)[0, 0, 0, 1] > 1.0
+    torch.testing.assert_close(model.max_attention_logits(idx), torch.zeros(1, dtype=torch.float64))

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pope_lm.config import ModelConfig
 from pope_lm.kernels import pope_attention_reference
-from pope_lm.position import PoPE, RoPE
+from pope_lm.position import PoPE, RoPE, build_position
 
 
 def direct_pope_scores(q, k, delta, theta, q_offset):
@@ -88,3 +89,19 @@ def test_rope_scores_depend_only_on_relative_position():
     far = rope.rotate(q, torch.tensor([1003])) @ rope.rotate(k, torch.tensor([1001])).mT
     torch.testing.assert_close(near, far, rtol=1e-4, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("position", ["pope", "rope", "none"])
+@pytest.mark.parametrize(("n_q", "n_k", "q_offset"), [(7, 7, 0), (3, 9, 6)])
+def test_scores_are_the_logits_that_attend_softmaxes(position, n_q, n_k, q_offset):
+    torch.manual_seed(2)
+    b, h, d = 2, 3, 8
+    encoding = build_position(ModelConfig(vocab_size=10, n_layer=1, d_model=h * d, n_head=h, head_dim=d,
+                                          position=position, delta_init="uniform", theta=500.0)).double()
+    q = torch.randn(b, h, n_q, d, dtype=torch.float64)
+    k = torch.randn(b, h, n_k, d, dtype=torch.float64)
+    v = torch.randn(b, h, n_k, d, dtype=torch.float64)
+    scores = encoding.scores(q, k, q_offset=q_offset)
+    assert scores.shape == (b, h, n_q, n_k)
+    torch.testing.assert_close(attention_from_scores(scores, v, q_offset, 1.0),
+                               encoding.attend(q, k, v, q_offset=q_offset), rtol=1e-10, atol=1e-10)

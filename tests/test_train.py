@@ -70,8 +70,10 @@ def test_tiny_recipe_learns_shakespeare_and_logs_to_mlflow(tmp_path):
     first, last = val[min(val)], val[max(val)]
     assert first > 10.0 and last < first - 2.5, val  # from ~ln(50304) to well below
     assert len(history(client, run.info.run_id, "train/loss")) >= 4
-    for key in ("lr", "grad_norm", "tokens_per_s", "val/ppl"):
+    for key in ("lr", "grad_norm", "tokens_per_s", "val/ppl", "attn/max_logit", "attn/max_logit/layer_0"):
         assert history(client, run.info.run_id, key), key
+    max_logit = history(client, run.info.run_id, "attn/max_logit")
+    assert all(math.isfinite(v) and v > 0 for v in max_logit.values()), max_logit
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "final_metrics.json"} <= artifacts
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-00000020.ckpt", "step-00000040.ckpt"]
