@@ -93,7 +93,7 @@ class LitGPT(L.LightningModule):
         if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
             return
         model = getattr(self.model, "_orig_mod", self.model)  # torch.compile's wrapper keeps the module here
-        maxima = model.max_attention_logits(idx)
+        maxima = model.max_attention_logits(idx).float()  # bf16 under autocast; reduced and logged as fp32
         # The largest over the ranks' sequences: one small all-reduce per value, once per validation.
         self.log("attn/max_logit", maxima.amax(), sync_dist=True, reduce_fx="max")
         for layer, value in enumerate(maxima):
