@@ -668,14 +668,15 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
     left_at = {a: left_plateau_at(report, runs[POPE, a]) for a in (1, number)}
     if left_at[number] is not None:
         outcome += f" PoPE did so at step {left_at[number]:,} (attempt 1: at step {left_at[1]:,})."
+    lr_pulled, lr_end = lr_at_step(pope1, pulls), lr_at_step(pope_n, end_n)
     top_step, top = peak(pope_n)
     if top - val_n > GAP_POINTS / 100:
         loss = pope_n.curve("train/loss")
         low_step, low = min(((s, v) for s, v in loss if s <= top_step + TRAIN_WINDOW), key=lambda p: p[1])
         window = [v for s, v in loss if s > end_n - TRAIN_WINDOW]
-        lr_top, lr_last = lr_at_step(pope_n, top_step), lr_at_step(pope_n, end_n)
-        lr_after = ("although the lr kept decaying" if lr_last < lr_top * 0.99 else
-                    f"at a constant lr of {sci(lr_last, 1)}, the schedule's minimum")
+        lr_top = lr_at_step(pope_n, top_step)
+        lr_after = ("although the lr kept decaying" if lr_end < lr_top * 0.99 else
+                    f"at a constant lr of {sci(lr_end, 1)}, the schedule's minimum")
         outcome += (f" Its val accuracy peaked at {pct(top)} at step {top_step:,} (lr {sci(lr_top, 1)}), then "
                     f"fell to {pct(val_n)} by step {end_n:,} {lr_after}: the train loss, {low:.2f} at its lowest "
                     f"(step {low_step:,}), averaged "
@@ -685,7 +686,6 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
         outcome += (f" PoPE's train accuracy over its last {TRAIN_WINDOW:,} steps was {pct(train_n)} while its val "
                     f"accuracy was {pct(val_n)}: after {passes[POPE, number]:.1f} passes over the "
                     f"{TRAIN_PROBLEMS:,} training problems it was memorizing them rather than learning the rule.")
-    lr_pulled, lr_end = lr_at_step(pope1, pulls), lr_at_step(pope_n, end_n)
     acc1, acc_n = pope1.test("test/accuracy")[-1][1], pope_n.test("test/accuracy")[-1][1]
     standing = ("Attempt 1 stays the result of this experiment." if acc_n <= acc1 else
                 f"PoPE scores higher on the test split in this attempt than in attempt 1 ({pct(acc_n)} against "
