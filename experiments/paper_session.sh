@@ -15,11 +15,16 @@
 # /tmp holds the runs); TRAIN_TIME is their cumulative wall-time limit (Lightning's Timer state is checkpointed):
 #   TRAIN_TIME=00:00:07:50 bash experiments/paper_session.sh indirect jsb                 (first call)
 #   TRAIN_TIME=00:00:15:55 RESUME=1 bash experiments/paper_session.sh indirect           (second call)
+# experiments/indirect_variants.sh runs several copies of this script, one per GPU: it sets RUNS and ARCHIVE apart
+# for each, installs once (DEVICE_READY=1) and makes the indirect-indexing data before it starts them.
 set -uo pipefail
-# shellcheck source=benchmarks/device_setup.sh
-source benchmarks/device_setup.sh
-RUNS=/tmp/runs
+if [ -z "${DEVICE_READY:-}" ]; then
+    # shellcheck source=benchmarks/device_setup.sh
+    source benchmarks/device_setup.sh
+fi
+RUNS=${RUNS:-/tmp/runs}
 DATA=/tmp/data
+ARCHIVE=${ARCHIVE:-paper_runs.tar.gz}
 mkdir -p "$RUNS" "$DATA"
 # Wall-time guard for the long runs: they stop gracefully (checkpoint, test split) before the call's limit.
 TRAIN_TIME=${TRAIN_TIME:-00:00:06:45}
@@ -116,4 +121,4 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$RUNS/export/
 python3 -c "import torch, triton, lightning; print('torch', torch.__version__, 'triton', triton.__version__,
 'lightning', lightning.__version__, 'cuda', torch.version.cuda)" >>"$RUNS/export/card.txt"
 date -u >>"$RUNS/export/card.txt"
-tar -czf "$OUT/paper_runs.tar.gz" -C "$RUNS" export
+tar -czf "$OUT/$ARCHIVE" -C "$RUNS" export
