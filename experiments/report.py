@@ -4,7 +4,8 @@
 
 Each RESULTS folder (default: the committed ones, oldest first) is what experiments/paper_session.sh brought back
 from one session: the MLflow export of every run (`<run>.json`, see experiments/export_runs.py), the filtered logs
-(`<run>.log`, and `<run>.first-call.log` for the indirect-indexing runs that a second call resumed), eval-length's
+(`<run>.log`, and `<run>.first-call.log`, `<run>.second-call.log` for the indirect-indexing runs that later calls
+resumed), eval-length's
 `length_ppl.csv` and `position_loss.csv` where that session ran it, and `card.txt`. The first folder holds the full
 set (indirect indexing, JSB, length extrapolation); a later one may repeat some experiments: its JSB runs replace
 the earlier ones, and its indirect-indexing runs are reported as a further attempt beside the first. Every number
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import re
@@ -48,7 +50,10 @@ PLOTS = "results"  # the plots' folder, beside the markdown
 RESULTS = (Path("experiments/results/2026-11-25-h100"), Path("experiments/results/2026-11-26-h100"),
            Path("experiments/results/2026-11-26-h100-indirect-attempt3"),
            Path("experiments/results/2026-11-26-h100-indirect-attempt4"),
-           Path("experiments/results/2026-11-26-h100-indirect-attempt5"))
+           Path("experiments/results/2026-11-26-h100-indirect-attempt5"),
+           Path("experiments/results/2026-11-26-h200-indirect-attempt6"),
+           Path("experiments/results/2026-11-26-h200-indirect-attempt7"),
+           Path("experiments/results/2026-11-26-h200-indirect-attempt8"))
 RUNS = ("indirect-pope", "indirect-rope", "jsb-pope", "jsb-rope", "extrapolation-pope", "extrapolation-rope",
         "extrapolation-rope-yarn-ft4096")
 # The log that starts after each run has ended (experiments/paper_session.sh runs these stages one after another).
@@ -56,6 +61,18 @@ NEXT_STAGE = {"jsb-pope": "extrapolation-pope", "jsb-rope": "extrapolation-pope"
               "extrapolation-pope": "extrapolation-rope-yarn-ft4096",
               "extrapolation-rope": "extrapolation-rope-yarn-ft4096", "extrapolation-rope-yarn-ft4096": "eval-length"}
 COLORS = {POPE: "tab:blue", ROPE: "tab:red", YARN: "tab:orange", YARN_FT: "tab:green"}
+# The logs of a resumed indirect-indexing run's earlier calls, in order; `<run>.log` is the last call's.
+EARLIER_CALLS = ("first-call", "second-call")
+# Result folders written within this long of each other, on the same cards, came from one session (one machine
+# ran several attempts side by side: experiments/indirect_variants.sh).
+SAME_SESSION = 15 * 60  # seconds
+
+# The largest pre-softmax attention logit on one validation sequence, logged at each validation by runs since
+# attempt 6 (pope_lm/lit_module.py), and how the tables describe it.
+MAX_LOGIT = "attn/max_logit"
+MAX_LOGIT_NOTE = ("The max-logit columns are the largest pre-softmax attention logit over all layers, heads and "
+                  "query-key pairs of one validation sequence (`attn/max_logit`: the eager PoPE or RoPE formula on "
+                  "the uncompiled model, whatever backend trained it).")
 
 Series = list[tuple[int, float]]
 
@@ -136,22 +153,35 @@ class Session:
             raise SystemExit(f"error: {self.results / log}.log has no 'done: step N' line")
         return step
 
+    def call_logs(self, run: str) -> list[str]:
+        """The run's logs, one per device call, in order (earlier calls' logs are `<run>.first-call.log`, ...)."""
+        return [f"{run}.{call}" for call in EARLIER_CALLS if f"{run}.{call}" in self.logs] + [run]
+
     def resumed(self, run: str) -> bool:
-        """Whether a second call resumed the run (its first call's log is kept as `<run>.first-call.log`)."""
-        return f"{run}.first-call" in self.logs
+        """Whether a later call resumed the run."""
+        return len(self.call_logs(run)) > 1
 
     def first_call_accuracies(self) -> list[float]:
         """The val accuracies of both indirect-indexing runs during their first call (after step 0)."""
         return [v for name in ("indirect-pope", "indirect-rope") for s, v in self.runs[name].curve("val/accuracy")
                 if 0 < s <= self.step(f"{name}.first-call")]
 
-    def indirect_time_limits(self) -> tuple[int, int]:
-        """Indirect indexing's trainer.max_time in seconds: the first call's, and both calls' together (Lightning's
-        timer is checkpointed), as PoPE's logs report running into them."""
-        call1, limit = self.logs["indirect-pope.first-call"].elapsed_s, self.logs["indirect-pope"].elapsed_s
-        if call1 is None or limit is None:
-            raise SystemExit(f"error: {self.results}/indirect-pope*.log do not say when trainer.max_time stopped it")
-        return call1, limit
+    def time_limits_met(self) -> list[int | None]:
+        """Indirect indexing's trainer.max_time in seconds at the end of each call, cumulative (Lightning's timer is
+        checkpointed), as the logs of the runs that ran into it report it; None for a call whose runs all ended
+        at max_steps instead."""
+        calls = [self.call_logs(run) for run in self.runs if run.startswith("indirect")]
+        return [max((self.logs[logs[k]].elapsed_s or 0 for logs in calls if k < len(logs)), default=0) or None
+                for k in range(max(map(len, calls)))]
+
+    @property
+    def gpus(self) -> int:
+        """The machine's GPUs: card.txt has one line per card, then the versions and the date."""
+        return len(self.card) - 2
+
+    @property
+    def written(self) -> datetime:
+        return datetime.strptime(self.card[-1], "%a %b %d %I:%M:%S %p %Z %Y")
 
 
 def read_session(results: Path, plots: Path) -> Session:
@@ -197,6 +227,27 @@ class Report:
         """Later sessions that trained indirect indexing again."""
         return [s for s in self.sessions[1:] if "indirect-pope" in s.runs]
 
+    def indirect_time_limits(self, session: Session) -> list[int]:
+        """Session.time_limits_met, where no run of the folder met a call's limit taken from the folders the same
+        machine wrote at the same time (experiments/indirect_variants.sh gives every attempt the same limits)."""
+        siblings = [s for s in self.sessions if self.session_number(s) == self.session_number(session)]
+        limits = [next((s.time_limits_met()[k] for s in siblings
+                        if k < len(s.time_limits_met()) and s.time_limits_met()[k]), None)
+                  for k in range(len(session.time_limits_met()))]
+        if None in limits:
+            raise SystemExit(f"error: no log of {session.results}/indirect-*.log says when trainer.max_time stopped it")
+        return [limit for limit in limits if limit is not None]
+
+    def session_number(self, session: Session) -> int:
+        """Which GPU session (from 1) wrote a folder: folders from one machine share a number."""
+        number = 1
+        for earlier, later in itertools.pairwise(self.sessions):
+            if earlier is session:
+                break
+            apart = abs((later.written - earlier.written).total_seconds())
+            number += later.card[:-1] != earlier.card[:-1] or apart > SAME_SESSION
+        return number
+
 
 # ---------------------------------------------------------------- formatting
 
@@ -217,6 +268,10 @@ def mmss(seconds: float) -> str:
 def sci(x: float, digits: int = 0) -> str:
     """A learning rate as 6e-4."""
     return f"{x:.{digits}e}".replace("e-0", "e-")
+
+
+def number_word(n: int) -> str:
+    return ("zero", "one", "two", "three", "four", "five")[n] if n <= 5 else str(n)
 
 
 def upper_first(text: str) -> str:
@@ -295,12 +350,15 @@ def best(series: Series) -> tuple[int, float]:
 
 def header(report: Report) -> str:
     folders = ", ".join(f"`{s.results.as_posix()}/`" for s in report.sessions)
+    cards = " and ".join(sorted({card_of(s)[0] for s in report.sessions}))
+    calls = max(len(s.call_logs("indirect-pope")) for s in report.sessions)
     return f"""# Results: the paper's claims at small scale
 
 PoPE against RoPE on the paper's indirect-indexing task, on JSB chorales and on length extrapolation
-(Gopalakrishnan et al., arXiv 2509.10534; issue 7), run on one H100 in {len(report.sessions)} sessions of one or
-two device calls. Every number of ours below is computed by `experiments/report.py` from the committed results
-in {folders} (MLflow exports, training logs, eval-length's CSVs); the paper's numbers are quoted from the paper.
+(Gopalakrishnan et al., arXiv 2509.10534; issue 7), run on {cards} GPUs, one GPU per run, in
+{report.session_number(report.sessions[-1])} sessions of one to {number_word(calls)} device calls. Every number of
+ours below is computed by `experiments/report.py` from the committed results in {folders} (MLflow exports,
+training logs, eval-length's CSVs); the paper's numbers are quoted from the paper.
 One seed per run.
 """
 
@@ -353,9 +411,9 @@ def schedule(run: Run) -> str:
 
 
 # Keys that differ between indirect-indexing attempts by design: the schedule (schedule() names it), the wall-time
-# limit and which weights are tested (the test table names them).
+# limit, which weights are tested (the test table names them) and where the run was written.
 ATTEMPT_KEYS = {"optim.lr", "optim.min_lr", "optim.decay_steps", "trainer.max_steps", "trainer.max_time",
-                "trainer.test_on", "checkpoint.keep_best"}
+                "trainer.test_on", "checkpoint.keep_best", "run_dir"}
 
 
 def other_differences(first: Run, later: Run) -> str:
@@ -385,6 +443,9 @@ def retry_verdict(report: Report, retry: Session) -> str:
     accs = {m: run.test("test/accuracy")[-1][1] for m, run in runs.items()}
     if accs[POPE] >= ISSUE_POPE_ACC and accs.get(ROPE, 0.0) <= ISSUE_ROPE_ACC:
         return "yes" if ROPE in runs else "PoPE: yes (RoPE not run)"
+    if accs.get(ROPE, 0.0) > ISSUE_ROPE_ACC:
+        return (f"**no**: PoPE {pct(accs[POPE])}, and RoPE learned the task ({pct(accs[ROPE])}, above "
+                f"{pct(ISSUE_ROPE_ACC)}; see below)")
     if not any(left_plateau(report, run) for run in runs.values()):
         return "**no**: neither left the plateau (see below)"
     step, top = peak(runs[POPE])
@@ -398,17 +459,16 @@ def peak(run: Run) -> tuple[int, float]:
     return max(run.curve("val/accuracy"), key=lambda p: p[1])
 
 
-def wall_time(session: Session, name: str) -> str:
+def wall_time(report: Report, session: Session, name: str) -> str:
     """A run's wall time as its logs tell it (m:ss)."""
     log = session.logs[name]
     if name.startswith("indirect") and not session.resumed(name):  # one call, under trainer.max_time
         return mmss(log.elapsed_s) if log.elapsed_s else "-"
-    if name.startswith("indirect"):  # trainer.max_time, then resumed
-        call1 = session.logs[f"{name}.first-call"].elapsed_s
-        _, limit = session.indirect_time_limits()
-        assert call1 is not None
-        call2 = mmss(limit - call1) if log.elapsed_s else f"< {mmss(limit - call1)}"
-        return f"{mmss(call1)} + {call2}"
+    if name.startswith("indirect"):  # trainer.max_time, then resumed: each call's share of the cumulative limits
+        limits = [0, *report.indirect_time_limits(session)]
+        calls = [mmss(limits[k + 1] - limits[k]) if session.logs[call].elapsed_s else
+                 f"< {mmss(limits[k + 1] - limits[k])}" for k, call in enumerate(session.call_logs(name))]
+        return " + ".join(calls)
     if NEXT_STAGE[name] not in session.logs:  # the session ended with this stage: nothing dates its end
         return "-"
     start, end = log.start, session.logs[NEXT_STAGE[name]].start
@@ -419,10 +479,10 @@ def wall_time(session: Session, name: str) -> str:
 def card_of(session: Session) -> tuple[str, str, str]:
     """(card, driver, software versions) from card.txt."""
     card, driver = session.card[0].rsplit(", ", 1)
-    return card, driver, ", ".join(f"{k} {v}" for k, v in re.findall(r"(\S+) (\S+)", session.card[1]))
+    return card, driver, ", ".join(f"{k} {v}" for k, v in re.findall(r"(\S+) (\S+)", session.card[-2]))
 
 
-def runs_table(session: Session) -> str:
+def runs_table(report: Report, session: Session) -> str:
     """Steps, samples, wall time and stop reason of every run of a session."""
     rows = []
     for name in (n for n in RUNS if n in session.runs):
@@ -433,24 +493,25 @@ def runs_table(session: Session) -> str:
             per_step *= int(run.num("data.seq_len"))
             unit = "tokens"
         stop = "time limit" if log.elapsed_s else f"max_steps ({int(run.num('trainer.max_steps')):,})"
-        if name.startswith("indirect") and session.resumed(name):
-            stop = f"time limit at step {session.step(f'{name}.first-call'):,}, then {stop}"
+        if name.startswith("indirect"):
+            earlier = session.call_logs(name)[:-1]
+            stop = "".join(f"time limit at step {session.step(call):,}, then " for call in earlier) + stop
         rows.append([name, f"{step:,}", f"{step * per_step / 1e6:.2f}M {unit} ({per_step:,} per step)",
-                     wall_time(session, name), stop, run.status])
+                     wall_time(report, session, name), stop, run.status])
     return table(["run", "steps", "seen", "wall time (m:ss)", "stopped by", "MLflow status"], rows)
 
 
 def setup_section(report: Report) -> str:
     session = report.base
     card, driver, versions = card_of(session)
-    call1, limit = session.indirect_time_limits()
+    call1, limit = report.indirect_time_limits(session)
     return f"""## Card, software and budget
 
 Session 1 (`{session.results.as_posix()}/`):
 
 - Card: {card} (driver {driver}), one GPU for all runs.
 - Software: {versions}; bf16 autocast.
-- `card.txt` was written at the end of the session: {session.card[2]}.
+- `card.txt` was written at the end of the session: {session.card[-1]}.
 
 The runs shared the GPU. In the first call the two indirect-indexing runs trained alongside the JSB pair, then
 alongside the length-extrapolation pair, the YaRN fine-tune and eval-length; the second call ran only the two
@@ -460,14 +521,20 @@ includes the first call's {mmss(call1)}; RoPE reached its last step before that 
 when); for the others, the gap between the first time stamps of a run's log and of the next stage's, an upper
 bound that includes start-up and the test pass.
 
-{runs_table(session)}
-""" + "".join(later_setup(report, n, later) for n, later in enumerate(report.sessions[1:], start=2))
+{runs_table(report, session)}
+""" + "".join(later_setup(report, later) for later in report.sessions[1:])
 
 
-def later_setup(report: Report, number: int, session: Session) -> str:
+def later_setup(report: Report, session: Session) -> str:
     card, driver, versions = card_of(session)
     ran = " and ".join(sorted({name.split("-")[0] for name in session.runs}))
-    if ROPE not in indirect_runs(session):
+    n_calls = len(session.call_logs("indirect-pope"))
+    if session.gpus > 1:
+        each = " and ".join(indirect_runs(session)) + (" each" if len(indirect_runs(session)) > 1 else "")
+        calls = (f"{each} alone on one GPU of a {session.gpus}-GPU machine whose other GPUs trained the session's "
+                 f"other attempts (`experiments/indirect_variants.sh`), in {number_word(n_calls)} calls, each "
+                 "resuming the one before")
+    elif ROPE not in indirect_runs(session):
         calls = ("PoPE alone on the GPU (no RoPE run), " +
                  ("a second call resuming the first" if session.resumed("indirect-pope") else "in one call"))
     elif session.resumed("indirect-pope"):
@@ -481,10 +548,10 @@ def later_setup(report: Report, number: int, session: Session) -> str:
         attempt = report.retries.index(session) + 2
         parts.append(f"its indirect-indexing runs are attempt {attempt} ({schedule(session.runs['indirect-pope'])})")
     return f"""
-Session {number} (`{session.results.as_posix()}/`, {card}, driver {driver}, {versions}; `card.txt` written
-{session.card[2]}) ran {ran} again: {calls}. {upper_first("; ".join(parts))}.
+Session {report.session_number(session)} (`{session.results.as_posix()}/`, {card}, driver {driver}, {versions};
+`card.txt` written {session.card[-1]}) ran {ran} again: {calls}. {upper_first("; ".join(parts))}.
 
-{runs_table(session)}
+{runs_table(report, session)}
 """
 
 
@@ -507,7 +574,7 @@ def indirect_test_rows(session: Session, runs: dict[str, Run]) -> list[list[str]
     rows = []
     for model, run in runs.items():
         losses = dict(run.test("test/loss"))
-        logs = [f"{run.name}.first-call", run.name] if session.resumed(run.name) else [run.name]
+        logs = session.call_logs(run.name)
         for call, ((step, acc), log) in enumerate(zip(run.test("test/accuracy"), logs, strict=True), start=1):
             tested = session.logs[log].tested_step
             weights = f" (weights of step {tested:,}, the best val loss)" if tested is not None else ""
@@ -637,11 +704,15 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
     last = {key: (first if key[1] == 1 else retry).step(run.name) for key, run in runs.items()}
     grid = [s for s in sorted(set.intersection(*(set(c) for c in curves.values()))) if s and s % TABLE_EVERY == 0]
     columns = [(m, a) for m in (POPE, ROPE) for a in (1, number) if (m, a) in runs]
+    logits = {m: dict(runs[m, number].curve(MAX_LOGIT)) for m in models if MAX_LOGIT in runs[m, number].metrics}
     rows = [[f"{s:,}", *(pct(curves[key][s]) for key in columns),
              *(sci(lr_at_step(runs[POPE, a], s), 1) for a in (1, number)),
-             *(f"{grad_norm_before(runs[POPE, a], s):.1f}" for a in (1, number))] for s in grid]
+             *(f"{grad_norm_before(runs[POPE, a], s):.1f}" for a in (1, number)),
+             *(f"{logit[s]:.0f}" for logit in logits.values())] for s in grid]
     head = ["step", *(f"{m} val, attempt {a}" for m, a in columns), "lr, attempt 1", f"lr, attempt {number}",
-            "PoPE grad norm, attempt 1", f"PoPE grad norm, attempt {number}"]
+            "PoPE grad norm, attempt 1", f"PoPE grad norm, attempt {number}",
+            *(f"{m} max logit, attempt {number}" for m in logits)]
+    logit_note = f" {MAX_LOGIT_NOTE}" if logits else ""
     pope1, pope_n = runs[POPE, 1], runs[POPE, number]
     pulls = next(step for step, gap in equal_step_gaps(first) if gap > GAP_POINTS)
     end_n = last[POPE, number]
@@ -649,10 +720,12 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
     passes = {key: last[key] * batch / TRAIN_PROBLEMS for key in runs}
     alone = "" if ROPE in models else " PoPE trained alone on the GPU; no RoPE run in this attempt."
     if retry.resumed("indirect-pope"):
-        call1, limit = retry.indirect_time_limits()
+        limits = report.indirect_time_limits(retry)
         shared = " shared with the JSB pair" if "jsb-pope" in retry.runs else ""
-        calls = (f"trained for {mmss(call1)} in a first call{shared} and resumed for {mmss(limit - call1)} in a "
-                 f"second (trainer.max_time {mmss(limit)} in all)")
+        later = [mmss(end - start) for start, end in itertools.pairwise(limits)]
+        calls = (f"trained for {mmss(limits[0])} in a first call{shared} and resumed for {' and '.join(later)} in "
+                 f"{'a second' if len(later) == 1 else f'{number_word(len(later))} more'} (trainer.max_time "
+                 f"{mmss(limits[-1])} in all)")
     else:
         calls = (f"trained for {mmss(retry.logs['indirect-pope'].elapsed_s or 0)} in one call (no second call "
                  f"resumed them; the folder's README.md says why)")
@@ -675,8 +748,14 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
         low_step, low = min(((s, v) for s, v in loss if s <= top_step + TRAIN_WINDOW), key=lambda p: p[1])
         window = [v for s, v in loss if s > end_n - TRAIN_WINDOW]
         lr_top = lr_at_step(pope_n, top_step)
-        lr_after = ("although the lr kept decaying" if lr_end < lr_top * 0.99 else
-                    f"at a constant lr of {sci(lr_end, 1)}, the schedule's minimum")
+        decay = int(float(pope_n.params.get("optim.decay_steps", 0)))
+        if lr_end >= lr_top * 0.95:
+            lr_after = f"at an lr within 5% of the schedule's minimum, {sci(lr_end, 1)}"
+        elif decay and end_n > decay:
+            lr_after = (f"while the lr went from {sci(lr_top, 1)} to the schedule's minimum, {sci(lr_end, 1)}, at "
+                        f"step {decay:,} and stayed there")
+        else:
+            lr_after = "although the lr kept decaying"
         outcome += (f" Its val accuracy peaked at {pct(top)} at step {top_step:,} (lr {sci(lr_top, 1)}), then "
                     f"fell to {pct(val_n)} by step {end_n:,} {lr_after}: the train loss, {low:.2f} at its lowest "
                     f"(step {low_step:,}), averaged "
@@ -727,11 +806,142 @@ split, scored at the end of each call:
 decayed to {sci(lr_pulled, 1)} ({passes[POPE, 1]:.1f} passes by its end); {lr_note}. {seeds}{standing}
 
 The grad-norm columns are PoPE's median gradient norm before clipping (clipped to {runs[POPE, number].num(
-"optim.grad_clip"):.1f}) over the {TABLE_EVERY:,} steps up to each row.
+"optim.grad_clip"):.1f}) over the {TABLE_EVERY:,} steps up to each row.{logit_note}
 
 {table(head, rows)}
 
 ![Indirect indexing: the two attempts]({PLOTS}/indirect_attempt{number}.png)
+"""
+
+
+# Settings the paper-lr comparison does not list as differences: the wall-time limit, run name and folder (by
+# design), the model (a column of its own) and the test-split choice (the same in all of them).
+NOT_COMPARED = {"trainer.max_time", "name", "run_dir", "model.position", "trainer.test_on", "checkpoint.keep_best"}
+CURVE_EVERY = 4000  # steps between the rows of the paper-lr comparison
+
+
+def backend(run: Run) -> str:
+    """Which attention trained a run: RoPE always uses SDPA; PoPE's `auto` picks the Triton kernel on CUDA."""
+    if run.params["model.position"] == "rope":
+        return "SDPA"
+    return "reference (torch)" if run.params.get("model.attention_backend") == "reference" else "Triton kernel"
+
+
+def paper_lr_section(report: Report) -> str:
+    """The attempts at the paper's peak lr side by side over their whole length: what each changed against the
+    first of them, how far each got and where it fell, and the largest attention logit where it was logged."""
+    attempts = [(n, retry) for n, retry in enumerate(report.retries, start=2)
+                if math.isclose(retry.runs["indirect-pope"].num("optim.lr"), PAPER_INDIRECT_LR[0])]
+    if len(attempts) < 2:
+        return ""
+    base_number, base = attempts[0][0], attempts[0][1].runs["indirect-pope"]
+    runs = {(n, m): retry.runs[name] for n, retry in attempts for m, name in indirect_runs(retry).items()}
+    sessions = dict(attempts)
+    curves = {key: dict(run.curve("val/accuracy")) for key, run in runs.items()}
+    logits = {key: dict(run.curve(MAX_LOGIT)) for key, run in runs.items() if MAX_LOGIT in run.metrics}
+
+    def changes(run: Run) -> str:
+        changed = [f"{key}={value}" for key, value in sorted(run.params.items())
+                   if key not in NOT_COMPARED and base.params.get(key, value) != value]
+        return ", ".join(changed) or "-"
+
+    summary_rows, falls = [], {}
+    for (n, m), run in runs.items():
+        session, curve = sessions[n], curves[n, m]
+        top_step, top = peak(run)
+        end = max(curve)
+        tested = session.logs[run.name].tested_step
+        falls[n, m] = 100 * (top - curve[end])
+        logit = logits.get((n, m))
+        summary_rows.append([
+            str(n), m, backend(run), changes(run), card_of(session)[0], f"{session.step(run.name):,}",
+            f"{pct(top)} (step {top_step:,})", f"{pct(curve[end])} ({falls[n, m]:.1f} below its best)",
+            f"{pct(run.test('test/accuracy')[-1][1])}" + (f" (step {tested:,})" if tested is not None else ""),
+            f"{logit[top_step]:.0f} / {logit[end]:.0f}" if logit else "not logged"])
+    summary_head = ["attempt", "model", "attention", f"changed against attempt {base_number}", "card", "steps",
+                    "best val accuracy", "val accuracy at the end", "test accuracy (weights of)",
+                    "max logit at the best / at the end"]
+    steps = sorted(set().union(*(c.keys() for c in curves.values())))
+    grid = [s for s in steps if s and s % CURVE_EVERY == 0]
+    columns = [key for key in runs]
+
+    def cell(table: dict[int, float] | None, step: int, fmt: Callable[[float], str]) -> str:
+        return fmt(table[step]) if table is not None and step in table else "-"
+
+    curve_rows = [[f"{s:,}", *(cell(curves[key], s, pct) for key in columns),
+                   *(cell(logits[key], s, lambda v: f"{v:.0f}") for key in columns if key in logits)] for s in grid]
+    curve_head = ["step", *(f"{m} val, attempt {n}" for n, m in columns),
+                  *(f"{m} max logit, attempt {n}" for n, m in columns if (n, m) in logits)]
+
+    kernel = [key for key in runs if key[1] == POPE and backend(runs[key]) == "Triton kernel"]
+    reference = [key for key in runs if key[1] == POPE and backend(runs[key]) != "Triton kernel"]
+    rope = [key for key in runs if key[1] == ROPE]
+    text = []
+    rope1 = report.base.runs["indirect-rope"]
+    for key in rope:
+        above = next((s for s, v in sorted(curves[key].items()) if v >= ISSUE_POPE_ACC), None)
+        acc = runs[key].test("test/accuracy")[-1][1]
+        text.append(
+            f"RoPE at the paper's lr (attempt {key[0]}) learned the task: {pct(acc)} on the test split"
+            + (f", val accuracy at or above {pct(ISSUE_POPE_ACC)} from step {above:,}" if above else "")
+            + f". The paper's RoPE stays at {PAPER_INDIRECT[ROPE][0]:.2f} %, attempt 1's at "
+            f"{pct(rope1.test('test/accuracy')[-1][1])} (lr {sci(rope1.num('optim.lr'))}, weight decay "
+            f"{rope1.num('optim.weight_decay'):g}; here {sci(runs[key].num('optim.lr'))} and "
+            f"{runs[key].num('optim.weight_decay'):g}). So at batch {int(runs[key].num('trainer.global_batch_size'))}"
+            " RoPE can learn the task, which of the two settings kept attempt 1's RoPE on the plateau is not "
+            f"separated (one seed each), and the issue's RoPE ≤ {pct(ISSUE_ROPE_ACC)} is not reproduced here.")
+    if kernel and reference:
+        def names(keys: list[tuple[int, str]]) -> str:
+            return ", ".join(str(n) for n, _ in keys)
+
+        grown = [key for key in kernel if key in logits]
+        kept = [key for key in reference if key in logits]
+        text.append(
+            f"PoPE trained with the Triton kernel (attempts {names(kernel)}) fell from its best val accuracy by "
+            f"{min(falls[k] for k in kernel):.1f} to {max(falls[k] for k in kernel):.1f} points by the end of its "
+            f"run; PoPE trained with the reference backend (attempt {names(reference)}) ended "
+            f"{max(falls[k] for k in reference):.1f} points below its best and scored the best PoPE test accuracy so "
+            f"far, {pct(max(runs[k].test('test/accuracy')[-1][1] for k in reference))}."
+            + (f" The kernel runs' largest attention logit reached "
+               f"{min(max(logits[k].values()) for k in grown):.0f}-{max(max(logits[k].values()) for k in grown):.0f},"
+               f" the reference run's never passed {max(max(logits[k].values()) for k in kept):.0f}"
+               + "".join(f" (RoPE's reached {max(logits[k].values()):.0f} without harm)" for k in rope if k in logits)
+               + "." if grown and kept else "")
+            + " One seed each, so this points at the kernel (its numerics at 64 tokens, or its autotuned tile "
+            "shapes) without proving it; the next step is a second kernel/reference pair with identical settings "
+            "and a check of the kernel's gradients at this shape on the GPU (`benchmarks/attention.py`).")
+
+    def draw(fig: Figure) -> None:
+        acc_ax, logit_ax = fig.subplots(1, 2)
+        for index, (key, curve) in enumerate(curves.items()):  # dashed: PoPE through the Triton kernel
+            style = {"color": f"C{index}", "ls": "--" if key in kernel else "-",
+                     "label": f"{key[1]}, attempt {key[0]} ({backend(runs[key])})"}
+            acc_ax.plot(list(curve), [100 * v for v in curve.values()], **style)
+            if key in logits:
+                logit_ax.plot(list(logits[key]), list(logits[key].values()), **style)
+        acc_ax.set(xlabel="optimizer step (batch 256)", ylabel="val answer accuracy (%)", ylim=(0, 100))
+        logit_ax.set(xlabel="optimizer step (batch 256)", ylabel="largest attention logit", yscale="log")
+        acc_ax.legend(fontsize=6, loc="lower right")
+
+    figure(report.base.plots / "indirect_paper_lr.png", draw)
+    numbers = ", ".join(str(n) for n, _ in attempts)
+    return f"""
+### At the paper's lr: attempts {numbers} side by side
+
+Every attempt at the paper's peak lr ({sci(PAPER_INDIRECT_LR[0])}) over its whole length. The max-logit numbers are
+the largest pre-softmax attention logit over all layers, heads and query-key pairs of one validation sequence
+(`attn/max_logit`, logged from attempt 6 on; the eager formula on the uncompiled model, whatever attention
+trained it).
+
+{table(summary_head, summary_rows)}
+
+Validation accuracy and the largest logit every {CURVE_EVERY:,} steps:
+
+{table(curve_head, curve_rows)}
+
+{" ".join(text)}
+
+![Indirect indexing at the paper's lr: val accuracy and largest attention logit]({PLOTS}/indirect_paper_lr.png)
 """
 
 
@@ -986,6 +1196,20 @@ run(kind="nvidia-h100-x1", carry=[".whl"], command="COMPILE_MODE=default INDIREC
     "RESUME=1 bash experiments/paper_session.sh indirect")
 ```
 
+Session 6 ran attempts 6, 7 and 8 side by side on a 4-GPU machine, one run per GPU
+(`experiments/indirect_variants.sh`: each argument is one copy of `paper_session.sh`'s indirect part, on its own
+GPU), in three calls fired back to back; the second and third add `RESUME=1` and raise `TRAIN_TIME` to
+`00:00:15:40` and `00:00:24:10`. Each call returns `variant-<i>.tar.gz`: variants 0 and 1 are attempt 6, 2 is
+attempt 7, 3 is attempt 8; the three calls' logs are kept as `<run>.first-call.log`, `<run>.second-call.log` and
+`<run>.log`:
+
+```
+run(kind="nvidia-h100-x4", carry=[".whl"], command="COMPILE_MODE=default INDIRECT_LR=2e-4 "
+    "INDIRECT_TEST_ON=best INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:07:50 "
+    "bash experiments/indirect_variants.sh 'pope:optim.weight_decay=0.1' 'rope:optim.weight_decay=0.1' "
+    "'pope:optim.weight_decay=0.1 optim.decay_steps=45000' 'pope:model.attention_backend=reference'")
+```
+
 The logs committed are filtered: carriage-return progress lines and blank lines removed.
 """
 
@@ -998,6 +1222,7 @@ def main() -> None:
     report = Report([read_session(results, args.out.parent / PLOTS) for results in args.results])
     sections: list[Callable[[Report], str]] = [
         header, summary_section, setup_section, lambda r: indirect_section(r.base), indirect_retry_section,
+        paper_lr_section,
         jsb_section, lambda r: extrapolation_section(r.base), reproduce_section,
     ]
     args.out.write_text(reflow("\n".join(section(report) for section in sections)))

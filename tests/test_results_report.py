@@ -51,3 +51,44 @@ def test_a_later_attempt_names_the_settings_it_changed_beyond_the_schedule() -> 
     changed = report.Run("indirect-pope", "FINISHED", {"optim.lr": "2e-4", "optim.weight_decay": "0.1",
                                                        "seed": "0"}, {})
     assert report.other_differences(first, changed) == "except optim.weight_decay=0.1 (attempt 1: 0.01)"
+
+
+def _session(report, results: str, logs: dict, card: list[str]):
+    runs = {name: report.Run(name, "FINISHED", {}, {}) for name in ("indirect-pope", "indirect-rope")
+            if any(log.startswith(name) for log in logs)}
+    return report.Session(Path(results), Path("p"), runs, logs, [], [], card)
+
+
+def test_a_run_resumed_twice_reports_each_calls_share_of_the_cumulative_time_limit() -> None:
+    report = _load_report()
+    log = report.Log
+    card = ["NVIDIA H200, 580", "NVIDIA H200, 580", "torch 2.11", "Thu Nov 26 09:32:07 AM UTC 2026"]
+    # RoPE reached max_steps in the third call, so only PoPE's log tells that call's limit (24:10 in all)
+    session = _session(report, "a6", {
+        "indirect-pope.first-call": log(None, 100, 470, None), "indirect-pope.second-call": log(None, 200, 940, None),
+        "indirect-pope": log(None, 300, 1450, None), "indirect-rope.first-call": log(None, 150, 470, None),
+        "indirect-rope.second-call": log(None, 250, 940, None), "indirect-rope": log(None, 400, None, None)}, card)
+    # attempt 8 ran alone and reached max_steps in its third call: that limit comes from the same machine's attempt 6
+    alone = _session(report, "a8", {
+        "indirect-pope.first-call": log(None, 100, 470, None), "indirect-pope.second-call": log(None, 200, 940, None),
+        "indirect-pope": log(None, 300, None, None)}, card[:-1] + ["Thu Nov 26 09:33:27 AM UTC 2026"])
+    both = report.Report([session, alone])
+    assert session.call_logs("indirect-rope") == [
+        "indirect-rope.first-call", "indirect-rope.second-call", "indirect-rope"]
+    assert report.wall_time(both, session, "indirect-pope") == "7:50 + 7:50 + 8:30"
+    assert report.wall_time(both, session, "indirect-rope") == "7:50 + 7:50 + < 8:30"
+    assert report.wall_time(both, alone, "indirect-pope") == "7:50 + 7:50 + < 8:30"
+
+
+def test_folders_from_one_machine_count_as_one_session_and_others_do_not() -> None:
+    report = _load_report()
+    log = report.Log(None, 100, 470, None)
+    h100 = ["NVIDIA H100 80GB HBM3, 580", "torch 2.11"]
+    h200x4 = ["NVIDIA H200, 580"] * 4 + ["torch 2.11"]
+    folders = [_session(report, name, {"indirect-pope": log}, card + [date]) for name, card, date in (
+        ("a5", h100, "Thu Nov 26 08:01:07 AM UTC 2026"), ("a6", h200x4, "Thu Nov 26 09:32:07 AM UTC 2026"),
+        ("a7", h200x4, "Thu Nov 26 09:36:34 AM UTC 2026"), ("a8", h200x4, "Thu Nov 26 09:33:27 AM UTC 2026"),
+        ("a9", h200x4, "Thu Nov 26 11:40:00 AM UTC 2026"))]
+    both = report.Report(folders)
+    assert [both.session_number(s) for s in folders] == [1, 2, 2, 2, 3]
+    assert [s.gpus for s in folders] == [1, 4, 4, 4, 4]
