@@ -12,6 +12,12 @@ qc, qs, kc, ks tile by tile in fp32 registers (softplus, cos, sin), then cast th
 the tensor cores. Nothing 2D-wide ever reaches device memory; the backward keeps q, k, v, out and the
 log-sum-exp only, as FlashAttention-2 does.
 
+The backward's P = exp2(S - lse) needs S recomputed from the very halves the forward rounded, as FlashAttention
+recomputes Q K^T from the same bf16 Q and K: halves rounded differently move S by ~|S| eps, and P by a factor
+e^(|S| eps) (random bf16 inputs with logits up to 100: 8% rms, up to 1.8x; up to 500: 35% rms). So every pass
+builds a row's halves alike, on whichever side it is: mu rounded to the input dtype (the streamed side reads it so
+from the prepass), times cos and sin with sm_scale log2(e) on the query side, rounded again.
+
 Passes (FlashAttention-2 structure; "stationary" rows stay in registers, "streamed" rows are loaded tile
 by tile in the inner loop):
     forward   queries stationary, keys streamed: online softmax, stores out and the log2-sum-exp.
@@ -111,8 +117,10 @@ def _cartesian(mu, cos, sin, DTYPE: tl.constexpr):
 
 @triton.jit
 def _polar(x, cos, sin, DTYPE: tl.constexpr):
-    """The Cartesian halves of raw rows x (mu = softplus(x)): the stationary side, once per program."""
-    return _cartesian(_softplus(x.to(tl.float32)), cos, sin, DTYPE)
+    """The Cartesian halves of raw rows x (mu = softplus(x)): the stationary side, once per program.
+
+    mu is rounded to DTYPE first, as the streamed side's mu from the prepass is (see the module docstring)."""
+    return _cartesian(_softplus(x.to(tl.float32)).to(DTYPE).to(tl.float32), cos, sin, DTYPE)
 
 
 @triton.jit
@@ -184,7 +192,7 @@ def _prepass_kernel(X, Mu, Out, DO, Dvec,
 def _dq_finish_kernel(Q, DQacc, DQ, stride_qb, stride_qh, stride_qn, n_heads, n_rows,
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     """dq = sigmoid(q) ln2 U from the fp32 sum U of cos(t theta) (dS kc) + sin(t theta) (dS ks) over key
-    blocks (kc, ks carry sm_scale log2(e); ln2 leaves sm_scale)."""
+    blocks (the query phases carry sm_scale log2(e); ln2 leaves sm_scale)."""
     bh, b, h, rows, row_ok, d, o_rows = _row_block(n_heads, n_rows, HEAD_DIM, BLOCK)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
     acc = _load_rows(DQacc + bh.to(tl.int64) * n_rows * HEAD_DIM, rows, row_ok, HEAD_DIM, d)
@@ -357,11 +365,13 @@ def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
 
 @triton.jit
 def _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, lse_base, dvec_base, dq_base, freqs,
-                cols, lo, hi, n_q, q_offset,
-                MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                cols, col_ok, lo, hi, n_q, q_offset, qk_scale,
+                CAUSAL: tl.constexpr, MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     d = tl.arange(0, HEAD_DIM)
     cos, sin = _phases(q_offset + lo, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))  # t theta
+    # sm_scale log2(e) on the query side, as in the forward (angle addition keeps the factor)
+    cos, sin = cos * qk_scale, sin * qk_scale
     step_cos, step_sin = _cos_sin(BLOCK_M * freqs)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -376,7 +386,10 @@ def _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, lse_base, 
         st = tl.dot(ks, tl.trans(qs), st, input_precision=DOT_PRECISION)
         pt = tl.exp2(st - lse[None, :])
         if MASKED:
-            pt = tl.where(cols[:, None] <= (q_offset + rows)[None, :], pt, 0.0)
+            keep = col_ok[:, None]
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= (q_offset + rows)[None, :])
+            pt = tl.where(keep, pt, 0.0)
         dv = tl.dot(pt.to(v.dtype), do, dv, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = (pt * (dpt - dvec[None, :])).to(v.dtype)
@@ -398,7 +411,7 @@ def _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, lse_base, 
 def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_don,
-                 n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
+                 n_heads, n_q, n_k, q_offset, qk_scale,
                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)  # causal: the first key blocks are seen by the most queries, launched first
@@ -415,19 +428,19 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
     v = _load_rows(V + b.to(tl.int64) * stride_vb + h * stride_vh, cols, col_ok, stride_vn, d)
     dtype = v.dtype
     cos, sin = _phases(start_n, BLOCK_N, freqs, delta)
-    # transposed scores in log2 units; padded keys (k = 0, yet mu = ln 2) get kc = ks = 0 so that they add
-    # nothing to the fused dq (their own dk, dv rows are not stored)
-    key_ok = col_ok[:, None]
-    kc, ks = _polar(k, tl.where(key_ok, cos * qk_scale, 0.0), tl.where(key_ok, sin * qk_scale, 0.0), dtype)
+    kc, ks = _polar(k, cos, sin, dtype)
 
-    # Query tiles that see this key block: [lo, full) straddle the causal diagonal (masked),
-    # [full, n_q) see all of it.
+    # Query tiles that see this key block: [lo, full) need the mask, [full, n_q) see all of it. The mask is for
+    # the tiles that straddle the causal diagonal, and for every tile of a block with padded keys (the last one,
+    # where n_k % BLOCK_N != 0): unmasked, a padded key's P = exp2(0 - lse) overflows to inf where lse < -128,
+    # and inf * (kc = 0) is NaN in the fused dq.
     if CAUSAL:
         lo = tl.maximum(start_n - q_offset, 0) // BLOCK_M * BLOCK_M
         full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_offset, 0), BLOCK_M) * BLOCK_M, n_q)
     else:
         lo = 0
         full = 0
+    full = tl.where(start_n + BLOCK_N > n_k, n_q, full)
     q_rows = bh.to(tl.int64) * n_q
     muq_base = MuQ + q_rows * HEAD_DIM
     dq_base = DQacc + q_rows * HEAD_DIM
@@ -436,14 +449,15 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
     gc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     gs = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv, gc, gs = _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, Lse + q_rows, Dvec + q_rows,
-                             dq_base, freqs, cols, lo, full, n_q, q_offset, True, FUSED_DQ, BLOCK_M, HEAD_DIM,
-                             DOT_PRECISION)
+                             dq_base, freqs, cols, col_ok, lo, full, n_q, q_offset, qk_scale, CAUSAL, True, FUSED_DQ,
+                             BLOCK_M, HEAD_DIM, DOT_PRECISION)
     dv, gc, gs = _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, Lse + q_rows, Dvec + q_rows,
-                             dq_base, freqs, cols, full, n_q, n_q, q_offset, False, FUSED_DQ, BLOCK_M, HEAD_DIM,
-                             DOT_PRECISION)
+                             dq_base, freqs, cols, col_ok, full, n_q, n_q, q_offset, qk_scale, CAUSAL, False,
+                             FUSED_DQ, BLOCK_M, HEAD_DIM, DOT_PRECISION)
 
     cos, sin = _phases(start_n, BLOCK_N, freqs, delta)  # again, rather than kept live through the loop
-    dk, ddelta = _polar_grad(k, gc * sm_scale, gs * sm_scale, cos, sin)
+    # gc, gs carry the queries' sm_scale log2(e); ln2 leaves sm_scale
+    dk, ddelta = _polar_grad(k, gc * _LN2, gs * _LN2, cos, sin)
     out_rows = bh.to(tl.int64) * n_k + cols
     tl.store(DK + out_rows[:, None] * HEAD_DIM + d[None, :], dk.to(dtype), mask=col_ok[:, None])
     tl.store(DV + out_rows[:, None] * HEAD_DIM + d[None, :], dv.to(dtype), mask=col_ok[:, None])
@@ -594,7 +608,7 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
     _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,
             mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
             *_row_strides(k), *_row_strides(v), *_row_strides(dout),
-            heads, n_q, n_k, q_offset, sm_scale, qk_scale, FUSED_DQ=not split, **constexprs)
+            heads, n_q, n_k, q_offset, qk_scale, FUSED_DQ=not split, **constexprs)
     if not split:
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         _dq_finish_kernel[(triton.cdiv(n_q, _ROW_BLOCK), bh)](

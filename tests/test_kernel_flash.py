@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pope_lm.kernels import flash, pope_attention, pope_attention_reference
-from pope_lm.kernels.reference import pope_frequencies
+from pope_lm.kernels.reference import pope_frequencies, pope_scores
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
@@ -30,21 +30,26 @@ def _inputs(b, h, n_q, n_k, d, dtype, seed=0):
     return q, k, v, delta, dout
 
 
-def _check_against_reference(q, k, v, delta, dout, **kwargs) -> None:
-    """Output and the gradients of q, k, v, delta within the dtype's tolerance of the float64 reference."""
+def _errors(attention, q, k, v, delta, dout, **kwargs) -> dict[str, float]:
+    """Relative errors of `attention`'s output and gradients of q, k, v, delta against the float64 reference."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v, delta)]
-    out = pope_attention(*leaves, **kwargs)
+    out = attention(*leaves, **kwargs)
     out.backward(dout)
     refs = [x.detach().double().requires_grad_() for x in (q, k, v, delta)]
     ref = pope_attention_reference(*refs, **kwargs)
     ref.backward(dout.double())
 
     assert out.dtype == q.dtype and out.shape == ref.shape
-    tol = TOL[q.dtype]
     errors = {"out": _rel_err(out, ref)}
     names = ["q", "k", "v", "delta"]
     errors.update({name: _rel_err(x.grad, r.grad) for name, x, r in zip(names, leaves, refs, strict=True)})
-    assert all(e < tol for e in errors.values()), errors
+    return errors
+
+
+def _check_against_reference(q, k, v, delta, dout, **kwargs) -> None:
+    """Output and the gradients of q, k, v, delta within the dtype's tolerance of the float64 reference."""
+    errors = _errors(pope_attention, q, k, v, delta, dout, **kwargs)
+    assert all(e < TOL[q.dtype] for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -65,12 +70,16 @@ def test_causal_with_query_offset_matches_reference(n_q, n_k, q_offset):
                              q_offset=q_offset)
 
 
+def _force_dq_path(monkeypatch, path: str) -> None:
+    """'fused dq': dq by atomics inside the dk/dv pass at every shape; 'split dq': the separate dq pass."""
+    monkeypatch.setattr(flash, "FUSED_DQ_HEAD_DIMS", frozenset(flash.HEAD_DIMS))
+    monkeypatch.setattr(flash, "FUSED_DQ_MAX_KEYS", sys.maxsize if path == "fused dq" else 0)
+
+
 @pytest.fixture(params=["fused dq", "split dq"])
 def dq_path(request, monkeypatch):
     """Both backward structures, forced: dq by atomics inside the dk/dv pass, and the separate dq pass."""
-    fused = request.param == "fused dq"
-    monkeypatch.setattr(flash, "FUSED_DQ_HEAD_DIMS", frozenset(flash.HEAD_DIMS))
-    monkeypatch.setattr(flash, "FUSED_DQ_MAX_KEYS", sys.maxsize if fused else 0)
+    _force_dq_path(monkeypatch, request.param)
     return request.param
 
 
@@ -85,6 +94,109 @@ def test_both_dq_paths_match_reference(dq_path, dtype, n_q, n_k, q_offset, causa
 
 def test_both_dq_paths_head_dim_128(dq_path):
     _check_against_reference(*_inputs(1, 2, 19, 19, 128, torch.float16, seed=9), causal=True)
+
+
+def _gpu_tiles(name: str) -> list[tuple[int, int]]:
+    """The distinct (BLOCK_M, BLOCK_N) among the GPU's autotuning candidates of a pass for head dim 64 (and 32)."""
+    return list(dict.fromkeys((m, n) for m, n, _, _ in flash._BLOCKS[name][64]))
+
+
+def _gpu_tile_sets() -> list:
+    """(dq path, interpreter blocks) pairs that together run every GPU tile shape of every pass at D = 64.
+
+    Set i gives each pass the i-th distinct shape of its list (cycling through shorter lists); the dk/dv pass
+    takes "dkdv_dq"'s list on the fused dq path. Under the interpreter `_launch` reads `_INTERPRETER_BLOCKS`
+    only, so without this the CPU tests never see a key block larger than the sequence (BLOCK_N = 128) or 4 to
+    8 query blocks per key block.
+    """
+    sets = []
+    for path, dkdv in (("fused dq", "dkdv_dq"), ("split dq", "dkdv")):
+        tiles = {"fwd": _gpu_tiles("fwd"), "dq": _gpu_tiles("dq"), "dkdv": _gpu_tiles(dkdv)}
+        used = [name for name in tiles if name != "dq" or path == "split dq"]
+        for i in range(max(len(tiles[name]) for name in used)):
+            blocks = {name: shapes[i % len(shapes)] for name, shapes in tiles.items()}
+            label = " ".join(f"{name} {blocks[name][0]}x{blocks[name][1]}" for name in used)
+            sets.append(pytest.param(path, blocks, id=f"{path}, {label}"))
+    return sets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n", [64, 100])
+@pytest.mark.parametrize(("path", "blocks"), _gpu_tile_sets())
+def test_every_gpu_tile_shape_matches_the_reference_at_short_and_odd_lengths(monkeypatch, path, blocks, n, causal,
+                                                                               dtype):
+    # n = 64: the sequence of the short-context experiment, smaller than a 128-key block; 100: partial tiles
+    _force_dq_path(monkeypatch, path)
+    monkeypatch.setattr(flash, "_INTERPRETER_BLOCKS", blocks)
+    _check_against_reference(*_inputs(2, 2, n, n, 64, dtype, seed=n), causal=causal)
+
+
+SHARP_SCALE = 16  # a power of two: q and k scale exactly in fp16
+
+
+def _sharp_inputs(dtype, n=64, seed=11):
+    """q and k scaled up: the largest logits in the hundreds and one key dominating each query, as in a trained
+    model whose logits have grown."""
+    q, k, v, delta, dout = _inputs(2, 2, n, n, 64, dtype, seed=seed)
+    return SHARP_SCALE * q, SHARP_SCALE * k, v, delta, dout
+
+
+# exp2 of masked-out scores (keys after the query, padded keys) may overflow before tl.where drops them
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("path", "blocks"), _gpu_tile_sets())
+def test_sharp_softmax_with_logits_in_the_hundreds_is_as_accurate_as_the_reference(monkeypatch, path, blocks,
+                                                                                     causal, dtype):
+    """With logits L in the hundreds, rounding moves scores by ~L eps, so every backend loses accuracy; the kernel
+    must lose no more than the plain-torch backend does in the same dtype. That holds only if the backward
+    recomputes P from the very halves the forward rounded: the dk/dv pass's own rounding (scale on the key side,
+    the queries' mu rounded twice) gave fp16 errors near 5e-2 here in dv (26x the plain-torch backend's), dk,
+    d delta and the fused dq (2-4x)."""
+    _force_dq_path(monkeypatch, path)
+    monkeypatch.setattr(flash, "_INTERPRETER_BLOCKS", blocks)
+    q, k, v, delta, dout = _sharp_inputs(dtype)
+    logits = pope_scores(q.double(), k.double(), delta.double())
+    top2 = logits.topk(2, dim=-1).values
+    assert logits.max() > 200 and (top2[..., 0] - top2[..., 1]).median() > 10  # sharp, as intended
+
+    kernel = _errors(pope_attention, q, k, v, delta, dout, causal=causal)
+    torch_same_dtype = _errors(pope_attention_reference, q, k, v, delta, dout, causal=causal)
+    # the backward's fp32 scores come from phases advanced by angle addition rather than computed directly, and are
+    # summed in another order: they differ from the forward's by a few fp32 eps of |S| in any dtype (torch's
+    # backward recomputes its scores from the same tensors in the same way)
+    slack = 4 * torch.finfo(torch.float32).eps * logits.abs().max().item()
+    assert all(kernel[x] < 2 * torch_same_dtype[x] + slack for x in kernel), (kernel, torch_same_dtype)
+
+
+def _very_negative_inputs(n_q, n_k, seed=12):
+    """Every logit near -180, so that each query's log2-sum-exp is below -128 and 2^-lse overflows fp32: q and k
+    large (softplus ~10) only in the 16 lowest-frequency channels, where the phase bias delta = pi turns
+    cos((s - t) theta + delta) to about -1 at every position; elsewhere softplus(-30) ~ 1e-13."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.full((1, 2, n_q, 64), -30.0), torch.full((1, 2, n_k, 64), -30.0)
+    q[..., 48:] = 10 + torch.randn(1, 2, n_q, 16, generator=g)
+    k[..., 48:] = 10 + torch.randn(1, 2, n_k, 16, generator=g)
+    v, dout = torch.randn(1, 2, n_k, 64, generator=g), torch.randn(1, 2, n_q, 64, generator=g)
+    return q, k, v, torch.full((2, 64), math.pi), dout
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize(("n_q", "n_k", "q_offset", "causal"), [(64, 64, 0, False), (9, 37, 40, True)])
+@pytest.mark.parametrize(("path", "blocks"), _gpu_tile_sets())
+def test_padded_keys_add_nothing_where_every_logit_of_a_query_is_very_negative(monkeypatch, path, blocks, n_q, n_k,
+                                                                                q_offset, causal):
+    """Padded keys (past n_k in the last key block: all of 64..127 in a 128-key block at n = 64) must be masked
+    wherever queries see a whole key block (non-causal, or queries past all keys): their score is 0, and
+    2^(0 - lse) overflowed to inf, which times their kc = 0 made the fused dq NaN."""
+    _force_dq_path(monkeypatch, path)
+    monkeypatch.setattr(flash, "_INTERPRETER_BLOCKS", blocks)
+    q, k, v, delta, dout = _very_negative_inputs(n_q, n_k)
+    assert pope_scores(q.double(), k.double(), delta.double(), q_offset=q_offset).max() < -100
+    errors = _errors(pope_attention, q, k, v, delta, dout, causal=causal, q_offset=q_offset)
+    # fp32 scores near -250 in log2 units are recomputed to ~1e-5 of themselves: gradients to ~1e-4
+    assert all(e < 1e-3 for e in errors.values()), errors
 
 
 def test_head_dim_128_matches_reference():

@@ -71,7 +71,7 @@ def test_a_run_resumed_twice_reports_each_calls_share_of_the_cumulative_time_lim
     # attempt 8 ran alone and reached max_steps in its third call: that limit comes from the same machine's attempt 6
     alone = _session(report, "a8", {
         "indirect-pope.first-call": log(None, 100, 470, None), "indirect-pope.second-call": log(None, 200, 940, None),
-        "indirect-pope": log(None, 300, None, None)}, card[:-1] + ["Thu Nov 26 09:33:27 AM UTC 2026"])
+        "indirect-pope": log(None, 300, None, None)}, [*card[:-1], "Thu Nov 26 09:33:27 AM UTC 2026"])
     both = report.Report([session, alone])
     assert session.call_logs("indirect-rope") == [
         "indirect-rope.first-call", "indirect-rope.second-call", "indirect-rope"]
@@ -85,7 +85,7 @@ def test_folders_from_one_machine_count_as_one_session_and_others_do_not() -> No
     log = report.Log(None, 100, 470, None)
     h100 = ["NVIDIA H100 80GB HBM3, 580", "torch 2.11"]
     h200x4 = ["NVIDIA H200, 580"] * 4 + ["torch 2.11"]
-    folders = [_session(report, name, {"indirect-pope": log}, card + [date]) for name, card, date in (
+    folders = [_session(report, name, {"indirect-pope": log}, [*card, date]) for name, card, date in (
         ("a5", h100, "Thu Nov 26 08:01:07 AM UTC 2026"), ("a6", h200x4, "Thu Nov 26 09:32:07 AM UTC 2026"),
         ("a7", h200x4, "Thu Nov 26 09:36:34 AM UTC 2026"), ("a8", h200x4, "Thu Nov 26 09:33:27 AM UTC 2026"),
         ("a9", h200x4, "Thu Nov 26 11:40:00 AM UTC 2026"))]
