@@ -907,9 +907,13 @@ def paper_lr_section(report: Report) -> str:
                f" the reference run's never passed {max(max(logits[k].values()) for k in kept):.0f}"
                + "".join(f" (RoPE's reached {max(logits[k].values()):.0f} without harm)" for k in rope if k in logits)
                + "." if grown and kept else "")
-            + " One seed each, so this points at the kernel (its numerics at 64 tokens, or its autotuned tile "
-            "shapes) without proving it; the next step is a second kernel/reference pair with identical settings "
-            "and a check of the kernel's gradients at this shape on the GPU (`benchmarks/attention.py`).")
+            + " One seed each. After these runs the CPU tests found a backward bug that fits (fixed in "
+            "`kernels/flash.py`, pinned by `tests/test_kernel_flash.py`'s sharp-softmax test): the dk/dv pass "
+            "recomputed the scores from q and k halves rounded differently from the forward's, so its softmax "
+            "probabilities were off by a factor that grows exponentially with the logits (the kernel's docstring "
+            "gives sizes), in dk, dv, d delta and, at this length (fused dq), dq. Every kernel run above used the "
+            "faulty backward; whether the fix removes the collapse is for a rerun with the fixed kernel, beside the "
+            "reference, to show.")
 
     def draw(fig: Figure) -> None:
         acc_ax, logit_ax = fig.subplots(1, 2)
