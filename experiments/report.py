@@ -863,7 +863,7 @@ def paper_lr_section(report: Report) -> str:
                     "max logit at the best / at the end"]
     steps = sorted(set().union(*(c.keys() for c in curves.values())))
     grid = [s for s in steps if s and s % CURVE_EVERY == 0]
-    columns = [key for key in runs]
+    columns = list(runs)
 
     def cell(table: dict[int, float] | None, step: int, fmt: Callable[[float], str]) -> str:
         return fmt(table[step]) if table is not None and step in table else "-"
