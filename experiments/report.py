@@ -821,7 +821,9 @@ CURVE_EVERY = 4000  # steps between the rows of the paper-lr comparison
 
 
 def backend(run: Run) -> str:
-    """Which attention trained a run: RoPE always uses SDPA; PoPE's `auto` picks the Triton kernel on CUDA."""
+    """Which attention trained a run: RoPE always uses SDPA; PoPE's `auto` picked the Triton kernel on CUDA at every
+    length when the committed runs were made (since, it leaves 64-token contexts to the reference: pope_lm/position.py;
+    later runs name their backend)."""
     if run.params["model.position"] == "rope":
         return "SDPA"
     return "reference (torch)" if run.params.get("model.attention_backend") == "reference" else "Triton kernel"

@@ -59,7 +59,7 @@ class PoPE(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
         delta = self._delta()
-        if _use_triton(self.backend, q):
+        if use_triton(self.backend, on_cuda=q.is_cuda, head_dim=q.shape[-1], n_keys=k.shape[2]):
             try:  # imported lazily: only CUDA runs need Triton (an exported HF model may lack pope_lm.kernels)
                 from pope_lm.kernels import pope_attention
             except ImportError as exc:
@@ -145,19 +145,29 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _use_triton(backend: str, q: torch.Tensor) -> bool:
-    """`triton`: always (CUDA only); `auto`: on CUDA when the kernel exists here and supports the head dim."""
+# `auto` leaves contexts of at most this many keys to the reference (compiled elementwise + SDPA): there the fused
+# kernel's five launches per layer (pre-pass, forward, pre-pass, dk/dv, dq finish) cost more than they save.
+# Measured at 64 tokens: recipes/indirect.yaml at batch 256 on 4 x H200, 2026-11-26, reference 49.4 steps/s, kernel
+# 37.0 and 35.6, RoPE 52.7 (the second-call logs of experiments/results/2026-11-26-h200-indirect-attempt6..8). At
+# 1024 the kernel is ahead (124M: 389K vs 358K tokens/s, benchmarks/train_throughput_results.md). The crossover
+# between the two is unmeasured.
+AUTO_REFERENCE_MAX_KEYS = 64
+
+
+def use_triton(backend: str, *, on_cuda: bool, head_dim: int, n_keys: int) -> bool:
+    """`triton`: always (CUDA only); `auto`: on CUDA when the kernel exists here, supports the head dim and the
+    context is longer than AUTO_REFERENCE_MAX_KEYS."""
     if backend == "triton":
-        if not q.is_cuda:
+        if not on_cuda:
             raise RuntimeError("model.attention_backend=triton needs CUDA tensors; use 'reference' or 'auto' on CPU")
         return True
-    if backend != "auto" or not q.is_cuda:
+    if backend != "auto" or not on_cuda or n_keys <= AUTO_REFERENCE_MAX_KEYS:
         return False
     try:
         from pope_lm.kernels.flash import HEAD_DIMS
     except ImportError:  # an exported model running without pope-lm installed
         return False
-    return q.shape[-1] in HEAD_DIMS
+    return head_dim in HEAD_DIMS
 
 
 __all__ = ["NoPosition", "PoPE", "PositionEncoding", "RoPE", "build_position"]

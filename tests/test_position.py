@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pope_lm.config import ModelConfig
 from pope_lm.kernels import pope_attention_reference
-from pope_lm.position import PoPE, RoPE, build_position
+from pope_lm.position import AUTO_REFERENCE_MAX_KEYS, PoPE, RoPE, build_position, use_triton
 
 
 def direct_pope_scores(q, k, delta, theta, q_offset):
@@ -105,3 +105,18 @@ def test_scores_are_the_logits_that_attend_softmaxes(position, n_q, n_k, q_offse
     assert scores.shape == (b, h, n_q, n_k)
     torch.testing.assert_close(attention_from_scores(scores, v, q_offset, 1.0),
                                encoding.attend(q, k, v, q_offset=q_offset), rtol=1e-10, atol=1e-10)
+
+
+def test_auto_backend_uses_the_kernel_on_cuda_only_for_contexts_longer_than_the_measured_short_limit():
+    def auto(on_cuda: bool, head_dim: int = 64, n_keys: int = 1024) -> bool:
+        return use_triton("auto", on_cuda=on_cuda, head_dim=head_dim, n_keys=n_keys)
+
+    assert auto(on_cuda=True)
+    assert not auto(on_cuda=False)
+    assert not auto(on_cuda=True, n_keys=AUTO_REFERENCE_MAX_KEYS)  # indirect indexing's 64 tokens: the reference
+    assert auto(on_cuda=True, n_keys=AUTO_REFERENCE_MAX_KEYS + 1)
+    assert not auto(on_cuda=True, head_dim=48)  # no kernel for this head dim
+    assert not use_triton("reference", on_cuda=True, head_dim=64, n_keys=1024)
+    assert use_triton("triton", on_cuda=True, head_dim=64, n_keys=8)  # asked for explicitly: always
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        use_triton("triton", on_cuda=False, head_dim=64, n_keys=1024)
