@@ -6,7 +6,8 @@
 # Variant i runs on GPU i with its own run folder, and its archive comes back as $OUT/variant-<i>.tar.gz.
 #   run(kind="nvidia-h100-x4", carry=[".whl"], command="INDIRECT_LR=2e-4 INDIRECT_TEST_ON=best \
 #       INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:07:50 bash experiments/indirect_variants.sh \
-#       'pope:optim.weight_decay=0.1' 'rope:optim.weight_decay=0.1' 'pope:model.attention_backend=reference'")
+#       'pope:model.attention_backend=triton' 'rope:' 'pope:model.attention_backend=reference seed=1'")
+# (PoPE's `auto` backend runs the reference at these 64 tokens: name the kernel to train with it.)
 # then the same with RESUME=1 and the cumulative TRAIN_TIME while the machine is warm (paper_session.sh).
 set -uo pipefail
 if [ $# -eq 0 ]; then
