@@ -13,6 +13,8 @@ TFLOP/s bf16 for H100/H200 unless --peak-tflops) and peak memory. Data are rando
 the GPU, so the numbers measure the model, optimizer and loop, not the input pipeline.
 
     python benchmarks/train_throughput.py --recipes 124m 774m --out results.json
+    python benchmarks/train_throughput.py --recipes 124m --seq-len 64 128 256 512 1024 \
+        --variants pope-triton pope-reference rope     # where the kernel overtakes the reference (`auto`'s limit)
     python benchmarks/train_throughput.py --smoke     # a few CPU steps of a tiny model, to check the script
 """
 
@@ -226,31 +228,39 @@ def measure(name: str, variant: str, cfg: RunConfig, micro_batch: int, run: Call
     return result
 
 
+VARIANTS = ("pope-triton", "pope-lightning", "rope", "pope-reference", "nanogpt")
+
+
 def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps: int, device: torch.device,
-                 peak: float | None) -> list[Result]:
+                 peak: float | None, variants: tuple[str, ...] = VARIANTS) -> list[Result]:
     seq_len = cfg.data.seq_len
     batches = random_batches(4, micro_batch, seq_len, cfg.model.vocab_size, device)
-    results = []
+    # the kernel by name on the GPU (`auto` runs the reference at short contexts); the CPU smoke run has no kernel
+    kernel = "triton" if device.type == "cuda" else "auto"
 
     def pope_lm_model(**changes: str) -> GPT:
         return GPT(replace(cfg.model, **changes)).to(device)
 
-    cases: list[tuple[str, Callable[[], nn.Module]]] = [
-        ("pope-triton", lambda: pope_lm_model(attention_backend="auto")),
-        ("rope", lambda: pope_lm_model(position="rope")),
-        ("pope-reference", lambda: pope_lm_model(attention_backend="reference")),
-        ("nanogpt", lambda: NanoGPT(cfg.model, seq_len).to(device)),
-    ]
-    for variant, build in cases:
-        model = build()
+    builds: dict[str, Callable[[], nn.Module]] = {
+        "pope-triton": lambda: pope_lm_model(attention_backend=kernel),
+        "rope": lambda: pope_lm_model(position="rope"),
+        "pope-reference": lambda: pope_lm_model(attention_backend="reference"),
+        "nanogpt": lambda: NanoGPT(cfg.model, seq_len).to(device),
+    }
+    lit_cfg = replace(cfg, model=replace(cfg.model, attention_backend=kernel))
+    results = []
+    for variant in variants:
+        if variant == "pope-lightning":
+            flops = GPT(cfg.model).flops_per_token(seq_len)
+            results.append(measure(name, variant, cfg, micro_batch,
+                                   lambda: time_lightning(lit_cfg, batches, warmup, steps, device), flops, device,
+                                   peak))
+            continue
+        model = builds[variant]()
         flops = model.flops_per_token(seq_len)  # type: ignore[operator]
         results.append(measure(name, variant, cfg, micro_batch,
                                lambda m=model: time_bare_loop(m, batches, warmup, steps, device), flops, device, peak))
         del model
-    lit_cfg = replace(cfg, model=replace(cfg.model, attention_backend="auto"))
-    flops = GPT(cfg.model).flops_per_token(seq_len)
-    results.insert(1, measure(name, "pope-lightning", cfg, micro_batch,
-                              lambda: time_lightning(lit_cfg, batches, warmup, steps, device), flops, device, peak))
     return results
 
 
@@ -273,6 +283,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--peak-tflops", type=float, default=0.0)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, on CPU")
+    parser.add_argument("--seq-len", type=int, nargs="+", default=None,
+                        help="context lengths to run each recipe at instead of its own, with as many tokens per "
+                             "step (micro-batch x recipe length / length); rows are named recipe@length")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="which of the cases to time, in this order")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -289,7 +304,11 @@ def main() -> None:
             cfg = replace(cfg, model=replace(cfg.model, n_layer=2, d_model=64, n_head=2, head_dim=32, vocab_size=512),
                           data=replace(cfg.data, seq_len=64))
             micro_batch, args.warmup, args.steps = 2, 1, 2
-        results += bench_recipe(recipe, cfg, micro_batch, args.warmup, args.steps, device, peak)
+        for seq_len in args.seq_len or [cfg.data.seq_len]:
+            at_len = replace(cfg, data=replace(cfg.data, seq_len=seq_len))
+            name = f"{recipe}@{seq_len}" if args.seq_len else recipe
+            results += bench_recipe(name, at_len, max(1, micro_batch * cfg.data.seq_len // seq_len), args.warmup,
+                                    args.steps, device, peak, tuple(args.variants))
 
     env = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
