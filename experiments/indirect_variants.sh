@@ -9,14 +9,19 @@
 #       'pope:model.attention_backend=triton' 'rope:' 'pope:model.attention_backend=reference seed=1'")
 # (PoPE's `auto` backend runs the reference at these 64 tokens: name the kernel to train with it.)
 # then the same with RESUME=1 and the cumulative TRAIN_TIME while the machine is warm (paper_session.sh).
+# SPARE_GPU_COMMAND, if set, runs on the next GPU after the variants' (once the wheels are installed, so it may use
+# pope-lm and the benchmarks), its output in $OUT/spare-gpu.log, e.g.
+#   SPARE_GPU_COMMAND="python3 benchmarks/attention.py --out \$OUT/attention"
 set -uo pipefail
 if [ $# -eq 0 ]; then
     echo "usage: bash experiments/indirect_variants.sh POSITIONS:OVERRIDES [POSITIONS:OVERRIDES ...]" >&2
     exit 2
 fi
 gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
-if [ "$#" -gt "$gpus" ]; then
-    echo "error: $# variants but $gpus GPUs: give at most one variant per GPU" >&2
+wanted=$#  # a GPU per variant, and one for SPARE_GPU_COMMAND
+[ -n "${SPARE_GPU_COMMAND:-}" ] && wanted=$((wanted + 1))
+if [ "$wanted" -gt "$gpus" ]; then
+    echo "error: $# variants${SPARE_GPU_COMMAND:+ and SPARE_GPU_COMMAND} need $wanted GPUs, this machine has $gpus" >&2
     exit 2
 fi
 for spec in "$@"; do
@@ -32,6 +37,11 @@ export OUT DEVICE_READY=1
 [ -d /tmp/data/indirect ] || python3 -m pope_lm.cli prepare indirect --out /tmp/data/indirect
 
 pids=()
+if [ -n "${SPARE_GPU_COMMAND:-}" ]; then
+    echo "== GPU $#: $SPARE_GPU_COMMAND (output: \$OUT/spare-gpu.log)"
+    CUDA_VISIBLE_DEVICES=$# bash -c "$SPARE_GPU_COMMAND" >"$OUT/spare-gpu.log" 2>&1 &
+    spare=$!
+fi
 for i in $(seq 0 $(($# - 1))); do
     spec=${*:$((i + 1)):1}
     echo "== variant $i on GPU $i: positions '${spec%%:*}', overrides '${spec#*:}'"
@@ -45,4 +55,7 @@ for i in "${!pids[@]}"; do
     echo "== variant $i"
     cat "/tmp/variant-$i.out"
 done
+if [ -n "${spare:-}" ]; then
+    wait "$spare" || { echo "SPARE_GPU_COMMAND failed (\$OUT/spare-gpu.log)"; status=1; }
+fi
 exit $status
