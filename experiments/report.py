@@ -230,9 +230,9 @@ class Report:
     def indirect_time_limits(self, session: Session) -> list[int]:
         """Session.time_limits_met, where no run of the folder met a call's limit taken from the folders the same
         machine wrote at the same time (experiments/indirect_variants.sh gives every attempt the same limits)."""
-        siblings = [s for s in self.sessions if self.session_number(s) == self.session_number(session)]
-        limits = [next((s.time_limits_met()[k] for s in siblings
-                        if k < len(s.time_limits_met()) and s.time_limits_met()[k]), None)
+        number = self.session_number(session)
+        met = [s.time_limits_met() for s in self.sessions if self.session_number(s) == number]
+        limits = [next((calls[k] for calls in met if k < len(calls) and calls[k]), None)
                   for k in range(len(session.time_limits_met()))]
         if None in limits:
             raise SystemExit(f"error: no log of {session.results}/indirect-*.log says when trainer.max_time stopped it")
@@ -416,11 +416,16 @@ ATTEMPT_KEYS = {"optim.lr", "optim.min_lr", "optim.decay_steps", "trainer.max_st
                 "trainer.test_on", "checkpoint.keep_best", "run_dir"}
 
 
+def changed_params(first: Run, later: Run, ignored: set[str]) -> list[tuple[str, str, str]]:
+    """(key, later value, first value) of the settings, beyond `ignored`, that both runs record and that differ,
+    by key (keys an older export lacks were added to pope-lm later, at their defaults)."""
+    return [(key, later.params[key], value) for key, value in sorted(first.params.items())
+            if key not in ignored and key in later.params and later.params[key] != value]
+
+
 def other_differences(first: Run, later: Run) -> str:
-    """The settings, beyond ATTEMPT_KEYS, in which a later attempt's run differs from attempt 1's, in words
-    (keys attempt 1's export lacks were added to pope-lm later, at their defaults)."""
-    changed = [f"{key}={later.params[key]} (attempt 1: {value})" for key, value in sorted(first.params.items())
-               if key not in ATTEMPT_KEYS and key in later.params and later.params[key] != value]
+    """The settings, beyond ATTEMPT_KEYS, in which a later attempt's run differs from attempt 1's, in words."""
+    changed = [f"{key}={new} (attempt 1: {old})" for key, new, old in changed_params(first, later, ATTEMPT_KEYS)]
     return "except " + ", ".join(changed) if changed else "everything else as in attempt 1"
 
 
@@ -843,9 +848,7 @@ def paper_lr_section(report: Report) -> str:
     logits = {key: dict(run.curve(MAX_LOGIT)) for key, run in runs.items() if MAX_LOGIT in run.metrics}
 
     def changes(run: Run) -> str:
-        changed = [f"{key}={value}" for key, value in sorted(run.params.items())
-                   if key not in NOT_COMPARED and base.params.get(key, value) != value]
-        return ", ".join(changed) or "-"
+        return ", ".join(f"{key}={new}" for key, new, _ in changed_params(base, run, NOT_COMPARED)) or "-"
 
     summary_rows, falls = [], {}
     for (n, m), run in runs.items():

@@ -46,7 +46,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _check_shapes, pope_frequencies
+from .reference import _check_shapes, pope_frequencies, softmax_scale
 
 __all__ = ["pope_attention"]
 
@@ -679,7 +679,7 @@ def pope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: tor
         raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q_offset < 0 or k.shape[2] == 0:
         raise ValueError(f"need q_offset >= 0 and at least one key; got {q_offset}, {k.shape[2]} keys")
-    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    sm_scale = softmax_scale(head_dim, sm_scale)
     freqs = pope_frequencies(head_dim, float(theta), q.device, torch.float32)
     out, _ = _fwd_op(q, k, v, delta.float(), freqs, causal, sm_scale, int(q_offset))
     return out

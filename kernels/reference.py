@@ -57,8 +57,8 @@ def pope_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """
     _check_shapes(q, k, v, delta)
     q2, k2 = _cartesian_pair(q, k, delta, theta, q_offset)
-    scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else sm_scale
-    return sdpa(q2.to(q.dtype), k2.to(q.dtype), v, causal=causal, scale=scale, q_offset=q_offset)
+    return sdpa(q2.to(q.dtype), k2.to(q.dtype), v, causal=causal, scale=softmax_scale(q.shape[3], sm_scale),
+                q_offset=q_offset)
 
 
 def pope_scores(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, *, sm_scale: float | None = None,
@@ -66,8 +66,12 @@ def pope_scores(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, *, sm_sca
     """The pre-softmax logits a[i, j] of `pope_attention_reference`, (B, H, Nq, Nk) in fp32 (float64 for float64
     inputs), unmasked."""
     q2, k2 = _cartesian_pair(q, k, delta, theta, q_offset)
-    scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else sm_scale
-    return scale * q2 @ k2.transpose(-1, -2)
+    return softmax_scale(q.shape[3], sm_scale) * q2 @ k2.transpose(-1, -2)
+
+
+def softmax_scale(head_dim: int, sm_scale: float | None) -> float:
+    """The logits' factor: sm_scale as given, by default 1/sqrt(head_dim)."""
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 
 
 def _cartesian_pair(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor, theta: float,

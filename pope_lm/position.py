@@ -16,7 +16,7 @@ from torch import nn
 
 from pope_lm.config import ModelConfig
 from pope_lm.kernels import pope_attention_reference
-from pope_lm.kernels.reference import pope_scores, sdpa
+from pope_lm.kernels.reference import pope_scores, sdpa, softmax_scale
 from pope_lm.rope_scaling import attention_logit_scale, rope_inverse_frequencies
 
 
@@ -123,10 +123,10 @@ class NoPosition(nn.Module):
         self.head_dim = head_dim
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-        return _at_least_fp32(q) @ _at_least_fp32(k).transpose(-1, -2) / math.sqrt(self.head_dim)
+        return softmax_scale(self.head_dim, None) * _at_least_fp32(q) @ _at_least_fp32(k).transpose(-1, -2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-        return sdpa(q, k, v, causal=True, scale=1.0 / math.sqrt(self.head_dim), q_offset=q_offset)
+        return sdpa(q, k, v, causal=True, scale=softmax_scale(self.head_dim, None), q_offset=q_offset)
 
 
 PositionEncoding = PoPE | RoPE | NoPosition
