@@ -53,7 +53,9 @@ RESULTS = (Path("experiments/results/2026-11-25-h100"), Path("experiments/result
            Path("experiments/results/2026-11-26-h100-indirect-attempt5"),
            Path("experiments/results/2026-11-26-h200-indirect-attempt6"),
            Path("experiments/results/2026-11-26-h200-indirect-attempt7"),
-           Path("experiments/results/2026-11-26-h200-indirect-attempt8"))
+           Path("experiments/results/2026-11-26-h200-indirect-attempt8"),
+           Path("experiments/results/2026-11-26-h100-indirect-attempt9"),
+           Path("experiments/results/2026-11-26-h100-indirect-attempt10"))
 RUNS = ("indirect-pope", "indirect-rope", "jsb-pope", "jsb-rope", "extrapolation-pope", "extrapolation-rope",
         "extrapolation-rope-yarn-ft4096")
 # The log that starts after each run has ended (experiments/paper_session.sh runs these stages one after another).
@@ -825,13 +827,90 @@ NOT_COMPARED = {"trainer.max_time", "name", "run_dir", "model.position", "traine
 CURVE_EVERY = 4000  # steps between the rows of the paper-lr comparison
 
 
-def backend(run: Run) -> str:
+# The Triton kernel's backward rounding fix (commit cf822f6, 2026-11-26 09:56:54 UTC): before it, the dk/dv pass
+# recomputed the scores from q and k halves rounded differently from the forward's, so its softmax probabilities were
+# off by a factor growing exponentially with the logits (kernels/flash.py's docstring gives sizes). Kernel-trained
+# runs that started before it trained with that backward.
+KERNEL_BACKWARD_FIX = datetime(2026, 11, 26, 9, 56, 54)
+FAULTY_KERNEL, FIXED_KERNEL = "Triton kernel, before the backward fix", "Triton kernel, backward fixed"
+
+
+def backend(session: Session, run: Run) -> str:
     """Which attention trained a run: RoPE always uses SDPA; PoPE's `auto` picked the Triton kernel on CUDA at every
     length when the committed runs were made (since, it leaves 64-token contexts to the reference: pope_lm/position.py;
-    later runs name their backend)."""
+    later runs name their backend). A kernel run is dated by the first timestamp of its first call's log."""
     if run.params["model.position"] == "rope":
         return "SDPA"
-    return "reference (torch)" if run.params.get("model.attention_backend") == "reference" else "Triton kernel"
+    if run.params.get("model.attention_backend") == "reference":
+        return "reference (torch)"
+    start = session.logs[session.call_logs(run.name)[0]].start
+    return FIXED_KERNEL if start is not None and start > KERNEL_BACKWARD_FIX else FAULTY_KERNEL
+
+
+def rope_at_paper_lr(report: Report, runs: dict[tuple[int, str], Run], curves: dict[tuple[int, str], dict[int, float]]
+                     ) -> str:
+    """What the RoPE runs at the paper's lr show against attempt 1's RoPE (lr 4e-4), which stayed on the plateau."""
+    if not runs:
+        return ""
+    rope1 = report.base.runs["indirect-rope"]
+    results = []
+    for key, run in runs.items():
+        above = next((s for s, v in sorted(curves[key].items()) if v >= ISSUE_POPE_ACC), None)
+        results.append(f"attempt {key[0]} (weight decay {run.num('optim.weight_decay'):g}) "
+                       f"{pct(run.test('test/accuracy')[-1][1])} on the test split"
+                       + (f", val accuracy at or above {pct(ISSUE_POPE_ACC)} from step {above:,}" if above else ""))
+    text = (f"RoPE at the paper's lr learned the task in every attempt that ran it: {'; '.join(results)}. The paper's "
+            f"RoPE stays at {PAPER_INDIRECT[ROPE][0]:.2f} %, attempt 1's at "
+            f"{pct(rope1.test('test/accuracy')[-1][1])} (lr {sci(rope1.num('optim.lr'))}, weight decay "
+            f"{rope1.num('optim.weight_decay'):g}, {int(rope1.num('trainer.max_steps')):,} steps).")
+    # A run whose only differences from attempt 1's RoPE are the schedule's lr values and its length isolates the lr.
+    lr_only = [key for key, run in runs.items()
+               if {k for k, _, _ in changed_params(rope1, run, NOT_COMPARED)} <= {"optim.lr", "optim.min_lr",
+                                                                                   "trainer.max_steps"}]
+    if lr_only:
+        key = lr_only[0]
+        above = next((s for s, v in sorted(curves[key].items()) if v >= ISSUE_POPE_ACC), None)
+        text += (f" Attempt {key[0]}'s RoPE differs from attempt 1's only in the lr (and runs longer"
+                 + (f", but was past {pct(ISSUE_POPE_ACC)} at step {above:,}" if above else "")
+                 + "), so at this batch the lr is what kept attempt 1's RoPE on the plateau (one seed each).")
+    batch = int(next(iter(runs.values())).num("trainer.global_batch_size"))
+    return text + (f" The issue's RoPE ≤ {pct(ISSUE_ROPE_ACC)} is not reproduced at the paper's lr and batch {batch} "
+                   f"(the paper's batch: {PAPER_INDIRECT_BATCH}).")
+
+
+def pope_by_backend(runs: dict[tuple[int, str], Run], attention: dict[tuple[int, str], str],
+                    falls: dict[tuple[int, str], float], logits: dict[tuple[int, str], dict[int, float]]) -> str:
+    """How PoPE fared through each attention backend: how far each group fell from its best by the end of its run,
+    its largest logit, and the best test accuracy."""
+    sentences = []
+    for name in (FAULTY_KERNEL, FIXED_KERNEL, "reference (torch)"):
+        group = [key for key in runs if attention[key] == name]
+        if not group:
+            continue
+        fell = sorted(falls[key] for key in group)
+        fell_text = f"{fell[0]:.1f}" if len(fell) == 1 else f"{fell[0]:.1f} to {fell[-1]:.1f}"
+        logged = sorted(max(logits[key].values()) for key in group if key in logits)
+        logit_text = ("" if not logged else f"; its largest logit reached {logged[0]:.0f}" if len(logged) == 1
+                      else f"; their largest logit reached {logged[0]:.0f} to {logged[-1]:.0f}")
+        best = max(group, key=lambda key: runs[key].test("test/accuracy")[-1][1])
+        sentences.append(
+            f"PoPE (attention: {name}; attempt{'s' if len(group) > 1 else ''} "
+            f"{', '.join(str(n) for n, _ in group)}) ended {fell_text} points below its best val accuracy"
+            f"{logit_text}; best test accuracy {pct(runs[best].test('test/accuracy')[-1][1])} (attempt {best[0]}).")
+    return " ".join(sentences) + " One seed each." + same_settings(runs, attention)
+
+
+def same_settings(runs: dict[tuple[int, str], Run], attention: dict[tuple[int, str], str]) -> str:
+    """The best val accuracies of the first PoPE attempt and of the later ones that differ from it only in the
+    attention backend: the one comparison of backends at equal settings."""
+    (first, run), *later = runs.items()
+    alike = [(first, run)] + [(key, other) for key, other in later if {
+        k for k, _, _ in changed_params(run, other, NOT_COMPARED)} <= {"model.attention_backend"}]
+    if len({attention[key] for key, _ in alike}) < 2:
+        return ""
+    bests = ", ".join(f"{pct(peak(other)[1])} (attempt {key[0]}, {attention[key]})" for key, other in alike)
+    return (f" Attempts {', '.join(str(key[0]) for key, _ in alike)} differ only in the attention; their best val "
+            f"accuracies: {bests}. With one seed each and the spread between seeds unmeasured, this ranks no backend.")
 
 
 def paper_lr_section(report: Report) -> str:
@@ -859,7 +938,7 @@ def paper_lr_section(report: Report) -> str:
         falls[n, m] = 100 * (top - curve[end])
         logit = logits.get((n, m))
         summary_rows.append([
-            str(n), m, backend(run), changes(run), card_of(session)[0], f"{session.step(run.name):,}",
+            str(n), m, backend(session, run), changes(run), card_of(session)[0], f"{session.step(run.name):,}",
             f"{pct(top)} (step {top_step:,})", f"{pct(curve[end])} ({falls[n, m]:.1f} below its best)",
             f"{pct(run.test('test/accuracy')[-1][1])}" + (f" (step {tested:,})" if tested is not None else ""),
             f"{logit[top_step]:.0f} / {logit[end]:.0f}" if logit else "not logged"])
@@ -878,53 +957,19 @@ def paper_lr_section(report: Report) -> str:
     curve_head = ["step", *(f"{m} val, attempt {n}" for n, m in columns),
                   *(f"{m} max logit, attempt {n}" for n, m in columns if (n, m) in logits)]
 
-    kernel = [key for key in runs if key[1] == POPE and backend(runs[key]) == "Triton kernel"]
-    reference = [key for key in runs if key[1] == POPE and backend(runs[key]) != "Triton kernel"]
-    rope = [key for key in runs if key[1] == ROPE]
-    text = []
-    rope1 = report.base.runs["indirect-rope"]
-    for key in rope:
-        above = next((s for s, v in sorted(curves[key].items()) if v >= ISSUE_POPE_ACC), None)
-        acc = runs[key].test("test/accuracy")[-1][1]
-        text.append(
-            f"RoPE at the paper's lr (attempt {key[0]}) learned the task: {pct(acc)} on the test split"
-            + (f", val accuracy at or above {pct(ISSUE_POPE_ACC)} from step {above:,}" if above else "")
-            + f". The paper's RoPE stays at {PAPER_INDIRECT[ROPE][0]:.2f} %, attempt 1's at "
-            f"{pct(rope1.test('test/accuracy')[-1][1])} (lr {sci(rope1.num('optim.lr'))}, weight decay "
-            f"{rope1.num('optim.weight_decay'):g}; here {sci(runs[key].num('optim.lr'))} and "
-            f"{runs[key].num('optim.weight_decay'):g}). So at batch {int(runs[key].num('trainer.global_batch_size'))}"
-            " RoPE can learn the task, which of the two settings kept attempt 1's RoPE on the plateau is not "
-            f"separated (one seed each), and the issue's RoPE ≤ {pct(ISSUE_ROPE_ACC)} is not reproduced here.")
-    if kernel and reference:
-        def names(keys: list[tuple[int, str]]) -> str:
-            return ", ".join(str(n) for n, _ in keys)
-
-        grown = [key for key in kernel if key in logits]
-        kept = [key for key in reference if key in logits]
-        text.append(
-            f"PoPE trained with the Triton kernel (attempts {names(kernel)}) fell from its best val accuracy by "
-            f"{min(falls[k] for k in kernel):.1f} to {max(falls[k] for k in kernel):.1f} points by the end of its "
-            f"run; PoPE trained with the reference backend (attempt {names(reference)}) ended "
-            f"{max(falls[k] for k in reference):.1f} points below its best and scored the best PoPE test accuracy so "
-            f"far, {pct(max(runs[k].test('test/accuracy')[-1][1] for k in reference))}."
-            + (f" The kernel runs' largest attention logit reached "
-               f"{min(max(logits[k].values()) for k in grown):.0f}-{max(max(logits[k].values()) for k in grown):.0f},"
-               f" the reference run's never passed {max(max(logits[k].values()) for k in kept):.0f}"
-               + "".join(f" (RoPE's reached {max(logits[k].values()):.0f} without harm)" for k in rope if k in logits)
-               + "." if grown and kept else "")
-            + " One seed each. After these runs the CPU tests found a backward bug that fits (fixed in "
-            "`kernels/flash.py`, pinned by `tests/test_kernel_flash.py`'s sharp-softmax test): the dk/dv pass "
-            "recomputed the scores from q and k halves rounded differently from the forward's, so its softmax "
-            "probabilities were off by a factor that grows exponentially with the logits (the kernel's docstring "
-            "gives sizes), in dk, dv, d delta and, at this length (fused dq), dq. Every kernel run above used the "
-            "faulty backward; whether the fix removes the collapse is for a rerun with the fixed kernel, beside the "
-            "reference, to show.")
+    attention = {key: backend(sessions[key[0]], run) for key, run in runs.items()}
+    text = [rope_at_paper_lr(report, {key: run for key, run in runs.items() if key[1] == ROPE}, curves)]
+    text.append(pope_by_backend({key: run for key, run in runs.items() if key[1] == POPE}, attention, falls, logits))
+    rope_logits = [f"{max(logits[key].values()):.0f} (attempt {key[0]})" for key in runs
+                   if key[1] == ROPE and key in logits]
+    if rope_logits:
+        text.append(f"RoPE's largest logit reached {' and '.join(rope_logits)} without harm.")
 
     def draw(fig: Figure) -> None:
         acc_ax, logit_ax = fig.subplots(1, 2)
-        for index, (key, curve) in enumerate(curves.items()):  # dashed: PoPE through the Triton kernel
-            style = {"color": f"C{index}", "ls": "--" if key in kernel else "-",
-                     "label": f"{key[1]}, attempt {key[0]} ({backend(runs[key])})"}
+        for index, (key, curve) in enumerate(curves.items()):  # dashed: PoPE through the faulty kernel backward
+            style = {"color": f"C{index}", "ls": "--" if attention[key] == FAULTY_KERNEL else "-",
+                     "label": f"{key[1]}, attempt {key[0]} ({attention[key]})"}
             acc_ax.plot(list(curve), [100 * v for v in curve.values()], **style)
             if key in logits:
                 logit_ax.plot(list(logits[key]), list(logits[key].values()), **style)
@@ -1217,6 +1262,16 @@ run(kind="nvidia-h100-x4", carry=[".whl"], command="COMPILE_MODE=default INDIREC
     "INDIRECT_TEST_ON=best INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:07:50 "
     "bash experiments/indirect_variants.sh 'pope:optim.weight_decay=0.1' 'rope:optim.weight_decay=0.1' "
     "'pope:optim.weight_decay=0.1 optim.decay_steps=45000' 'pope:model.attention_backend=reference'")
+```
+
+Session 7 ran attempts 9 and 10 the same way, three calls on a 4-GPU machine (variants 0 and 1 are attempt 9,
+2 is attempt 10); the fourth GPU ran the session's benchmarks (`SPARE_GPU_COMMAND`, benchmarks/*_results.md):
+
+```
+run(kind="nvidia-h100-x4", carry=[".whl"], command="COMPILE_MODE=default INDIRECT_LR=2e-4 "
+    "INDIRECT_TEST_ON=best INDIRECT_STEPS=60000 INDIRECT_DECAY=25000 TRAIN_TIME=00:00:07:50 "
+    "bash experiments/indirect_variants.sh 'pope:model.attention_backend=triton' 'rope:' "
+    "'pope:model.attention_backend=reference optim.decay_steps=60000'")
 ```
 
 The logs committed are filtered: carriage-return progress lines and blank lines removed.

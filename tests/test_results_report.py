@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from launch_helpers import REPO
@@ -92,3 +93,24 @@ def test_folders_from_one_machine_count_as_one_session_and_others_do_not() -> No
     both = report.Report(folders)
     assert [both.session_number(s) for s in folders] == [1, 2, 2, 2, 3]
     assert [s.gpus for s in folders] == [1, 4, 4, 4, 4]
+
+
+def test_a_kernel_run_is_labelled_by_whether_it_started_before_the_backward_fix() -> None:
+    report = _load_report()
+    fix = report.KERNEL_BACKWARD_FIX
+    pope = report.Run("indirect-pope", "FINISHED", {"model.position": "pope"}, {})
+    named = report.Run("indirect-pope", "FINISHED", {"model.position": "pope", "model.attention_backend": "triton"}, {})
+    reference = report.Run("indirect-pope", "FINISHED", {"model.position": "pope",
+                                                         "model.attention_backend": "reference"}, {})
+    rope = report.Run("indirect-rope", "FINISHED", {"model.position": "rope"}, {})
+
+    def started(at):  # the first call's log carries the start; the last call's (resumed) has none
+        return _session(report, "a", {"indirect-pope.first-call": report.Log(at, 100, 470, None),
+                                      "indirect-pope": report.Log(None, 200, 940, None)}, [])
+
+    before, after = started(fix - timedelta(hours=1)), started(fix + timedelta(hours=1))
+    assert report.backend(before, pope) == report.FAULTY_KERNEL
+    assert report.backend(after, named) == report.FIXED_KERNEL
+    assert report.backend(started(None), pope) == report.FAULTY_KERNEL  # undated: not claimed to be fixed
+    assert report.backend(after, reference) == "reference (torch)"
+    assert report.backend(after, rope) == "SDPA"
