@@ -488,7 +488,7 @@ def targets(rows: list[dict]) -> str:
 def environment() -> str:
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True).stdout.strip()
+                                capture_output=True, text=True).stdout.split("\n")[0].strip()  # one line per GPU
     except OSError:
         driver = "?"
     try:
