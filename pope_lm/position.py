@@ -149,8 +149,8 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 # kernel's five launches per layer (pre-pass, forward, pre-pass, dk/dv, dq finish) cost more than they save.
 # Measured at 64 tokens: recipes/indirect.yaml at batch 256 on 4 x H200, 2026-11-26, reference 49.4 steps/s, kernel
 # 37.0 and 35.6, RoPE 52.7 (the second-call logs of experiments/results/2026-11-26-h200-indirect-attempt6..8). At
-# 1024 the kernel is ahead (124M: 389K vs 358K tokens/s, benchmarks/train_throughput_results.md). The crossover
-# between the two is unmeasured.
+# 128 tokens and beyond the kernel is ahead (124M on an H100: 1.26x the reference at 128, 1.30x at 256, 1.26x at
+# 512; benchmarks/train_throughput_results.md, session 8). 124M at 64 tokens is unmeasured.
 AUTO_REFERENCE_MAX_KEYS = 64
 
 
