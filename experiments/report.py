@@ -771,7 +771,8 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
     elif train_n - val_n > GAP_POINTS / 100:
         outcome += (f" PoPE's train accuracy over its last {TRAIN_WINDOW:,} steps was {pct(train_n)} while its val "
                     f"accuracy was {pct(val_n)}: after {passes[POPE, number]:.1f} passes over the "
-                    f"{TRAIN_PROBLEMS:,} training problems it was memorizing them rather than learning the rule.")
+                    f"{TRAIN_PROBLEMS:,} training problems it fit them {100 * (train_n - val_n):.1f} points "
+                    "better than held-out ones, part of its progress memorization rather than the rule.")
     acc1, acc_n = pope1.test("test/accuracy")[-1][1], pope_n.test("test/accuracy")[-1][1]
     standing = ("Attempt 1 stays the result of this experiment." if acc_n <= acc1 else
                 f"PoPE scores higher on the test split in this attempt than in attempt 1 ({pct(acc_n)} against "
