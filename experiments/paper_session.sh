@@ -53,6 +53,10 @@ INDIRECT_BATCH=${INDIRECT_BATCH:-256}  # problems per step (the paper: 64); vali
 INDIRECT_WARMUP=${INDIRECT_WARMUP:-1000}  # linear warmup steps (the paper: 4000 at batch 64)
 # More overrides for the indirect-indexing runs, space-separated, applied last (e.g. "optim.weight_decay=0.1")
 read -r -a INDIRECT_EXTRA <<<"${INDIRECT_OVERRIDES:-}"
+# Overrides for all three length-extrapolation trainings (PoPE, RoPE, the RoPE+YaRN fine-tune), e.g. the paper's
+# smallest size, where RoPE's blow-up past 1024 should be larger ("worse with size"):
+#   EXTRAPOLATION_OVERRIDES="model.n_layer=12 model.d_model=768 model.n_head=12"
+read -r -a EXTRAPOLATION_EXTRA <<<"${EXTRAPOLATION_OVERRIDES:-}"
 
 # Indirect indexing. The paper: batch 64, lr 2e-4, 100k steps. Here the step is launch-bound, so batch 256
 # costs the same time per step as 64: 4x the samples per second, and a schedule compressed to what fits the call.
@@ -98,12 +102,13 @@ fi
 
 if [[ $PARTS == *" extrapolation "* ]]; then
     # Length extrapolation: PoPE and RoPE at 1024 tokens, then RoPE + YaRN fine-tuned at 4096.
-    train extrapolation-pope recipes/extrapolation.yaml data.dataset=.gpu/shakespeare
-    train extrapolation-rope recipes/extrapolation.yaml data.dataset=.gpu/shakespeare model.position=rope
+    train extrapolation-pope recipes/extrapolation.yaml data.dataset=.gpu/shakespeare "${EXTRAPOLATION_EXTRA[@]}"
+    train extrapolation-rope recipes/extrapolation.yaml data.dataset=.gpu/shakespeare model.position=rope \
+        "${EXTRAPOLATION_EXTRA[@]}"
     wait "${PID[extrapolation-pope]}" "${PID[extrapolation-rope]}"
     last() { find "$RUNS/$1/checkpoints" -name 'step-*.ckpt' | sort | tail -1; }
     train extrapolation-rope-yarn-ft4096 recipes/extrapolation-ft4096.yaml data.dataset=.gpu/shakespeare \
-        init_from="$(last extrapolation-rope)"
+        init_from="$(last extrapolation-rope)" "${EXTRAPOLATION_EXTRA[@]}"
     wait "${PID[extrapolation-rope-yarn-ft4096]}"
     python3 -m pope_lm.cli eval-length "$(last extrapolation-pope)" "$(last extrapolation-rope)" \
         "$(last extrapolation-rope)" "$(last extrapolation-rope-yarn-ft4096)" \
