@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the device-session scripts: install what the bare GPU image lacks from the carried wheels (.whl),
 # then pope-lm itself, make $OUT, and print the card. The resolver installs only missing packages, so the
 # image's own torch, triton, lightning and numpy stay as they are.
