@@ -834,6 +834,7 @@ CURVE_EVERY = 4000  # steps between the rows of the paper-lr comparison
 # runs that started before it trained with that backward.
 KERNEL_BACKWARD_FIX = datetime(2026, 11, 26, 9, 56, 54)
 FAULTY_KERNEL, FIXED_KERNEL = "Triton kernel, before the backward fix", "Triton kernel, backward fixed"
+REFERENCE = "reference (torch)"
 
 
 def backend(session: Session, run: Run) -> str:
@@ -843,7 +844,7 @@ def backend(session: Session, run: Run) -> str:
     if run.params["model.position"] == "rope":
         return "SDPA"
     if run.params.get("model.attention_backend") == "reference":
-        return "reference (torch)"
+        return REFERENCE
     start = session.logs[session.call_logs(run.name)[0]].start
     return FIXED_KERNEL if start is not None and start > KERNEL_BACKWARD_FIX else FAULTY_KERNEL
 
@@ -854,12 +855,13 @@ def rope_at_paper_lr(report: Report, runs: dict[tuple[int, str], Run], curves: d
     if not runs:
         return ""
     rope1 = report.base.runs["indirect-rope"]
-    results = []
-    for key, run in runs.items():
-        above = next((s for s, v in sorted(curves[key].items()) if v >= ISSUE_POPE_ACC), None)
-        results.append(f"attempt {key[0]} (weight decay {run.num('optim.weight_decay'):g}) "
-                       f"{pct(run.test('test/accuracy')[-1][1])} on the test split"
-                       + (f", val accuracy at or above {pct(ISSUE_POPE_ACC)} from step {above:,}" if above else ""))
+    # The first step at which each run's val accuracy reached the issue's PoPE bar, if it did.
+    reached = {key: next((s for s, v in sorted(curves[key].items()) if v >= ISSUE_POPE_ACC), None) for key in runs}
+    results = [f"attempt {key[0]} (weight decay {run.num('optim.weight_decay'):g}) "
+               f"{pct(run.test('test/accuracy')[-1][1])} on the test split"
+               + (f", val accuracy at or above {pct(ISSUE_POPE_ACC)} from step {reached[key]:,}"
+                  if reached[key] else "")
+               for key, run in runs.items()]
     text = (f"RoPE at the paper's lr learned the task in every attempt that ran it: {'; '.join(results)}. The paper's "
             f"RoPE stays at {PAPER_INDIRECT[ROPE][0]:.2f} %, attempt 1's at "
             f"{pct(rope1.test('test/accuracy')[-1][1])} (lr {sci(rope1.num('optim.lr'))}, weight decay "
@@ -870,9 +872,8 @@ def rope_at_paper_lr(report: Report, runs: dict[tuple[int, str], Run], curves: d
                                                                                    "trainer.max_steps"}]
     if lr_only:
         key = lr_only[0]
-        above = next((s for s, v in sorted(curves[key].items()) if v >= ISSUE_POPE_ACC), None)
         text += (f" Attempt {key[0]}'s RoPE differs from attempt 1's only in the lr (and runs longer"
-                 + (f", but was past {pct(ISSUE_POPE_ACC)} at step {above:,}" if above else "")
+                 + (f", but was past {pct(ISSUE_POPE_ACC)} at step {reached[key]:,}" if reached[key] else "")
                  + "), so at this batch the lr is what kept attempt 1's RoPE on the plateau (one seed each).")
     batch = int(next(iter(runs.values())).num("trainer.global_batch_size"))
     return text + (f" The issue's RoPE ≤ {pct(ISSUE_ROPE_ACC)} is not reproduced at the paper's lr and batch {batch} "
@@ -884,7 +885,7 @@ def pope_by_backend(runs: dict[tuple[int, str], Run], attention: dict[tuple[int,
     """How PoPE fared through each attention backend: how far each group fell from its best by the end of its run,
     its largest logit, and the best test accuracy."""
     sentences = []
-    for name in (FAULTY_KERNEL, FIXED_KERNEL, "reference (torch)"):
+    for name in (FAULTY_KERNEL, FIXED_KERNEL, REFERENCE):
         group = [key for key in runs if attention[key] == name]
         if not group:
             continue
