@@ -8,6 +8,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from launch_helpers import REPO
 
 
@@ -114,3 +115,37 @@ def test_a_kernel_run_is_labelled_by_whether_it_started_before_the_backward_fix(
     assert report.backend(started(None), pope) == report.FAULTY_KERNEL  # undated: not claimed to be fixed
     assert report.backend(after, reference) == "reference (torch)"
     assert report.backend(after, rope) == "SDPA"
+
+
+def test_a_last_call_that_every_run_ended_at_max_steps_has_no_time_limit_but_an_earlier_one_must() -> None:
+    report = _load_report()
+    log = report.Log
+    card = ["NVIDIA H100 80GB HBM3, 580", "torch 2.11", "Thu Nov 26 01:04:12 PM UTC 2026"]
+    ran_out = _session(report, "a11", {
+        "indirect-pope.first-call": log(None, 100, 470, None), "indirect-pope.second-call": log(None, 200, 940, None),
+        "indirect-pope": log(None, 300, None, None)}, card)
+    assert report.Report([ran_out]).indirect_time_limits(ran_out) == [470, 940, None]
+    assert report.wall_time(report.Report([ran_out]), ran_out, "indirect-pope") == "7:50 + 7:50 + -"
+    unknown = _session(report, "a12", {
+        "indirect-pope.first-call": log(None, 100, 470, None), "indirect-pope.second-call": log(None, 200, None, None),
+        "indirect-pope": log(None, 300, 1450, None)}, card)
+    with pytest.raises(SystemExit, match=r"says when trainer\.max_time stopped it"):
+        report.Report([unknown]).indirect_time_limits(unknown)
+
+
+def test_a_further_seed_of_an_attempt_is_reported_beside_its_first_run() -> None:
+    report = _load_report()
+    test = {"test/accuracy": [(60000, 0.095)]}
+    runs = {"indirect-pope": report.Run("indirect-pope", "FINISHED", {"model.position": "pope", "seed": "1337"},
+                                        {"test/accuracy": [(60000, 0.182)]}),
+            "indirect-rope": report.Run("indirect-rope", "FINISHED", {"model.position": "rope", "seed": "1337"}, test),
+            "indirect-rope-seed1": report.Run("indirect-rope-seed1", "FINISHED",
+                                              {"model.position": "rope", "seed": "1"},
+                                              {"test/accuracy": [(60000, 0.134)]})}
+    session = report.Session(Path("a11"), Path("p"), runs, {}, [], [], [])
+    assert report.indirect_runs(session) == {"PoPE": "indirect-pope", "RoPE": "indirect-rope"}
+    assert list(report.seed_runs(session)) == ["RoPE (seed 1)"]
+    assert report.with_seeds(session, "RoPE") == "9.5 % (seed 1: 13.4 %)"
+    assert report.with_seeds(session, "PoPE") == "18.2 %"
+    assert report.attempt_label((11, "RoPE (seed 1)")) == "attempt 11, seed 1"
+    assert report.attempt_label((11, "RoPE")) == "attempt 11"
