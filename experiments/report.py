@@ -57,7 +57,9 @@ RESULTS = (Path("experiments/results/2026-11-25-h100"), Path("experiments/result
            Path("experiments/results/2026-11-26-h100-indirect-attempt9"),
            Path("experiments/results/2026-11-26-h100-indirect-attempt10"),
            Path("experiments/results/2026-11-26-h100-extrapolation-124m"),
-           Path("experiments/results/2026-11-26-h100-indirect-attempt11"))
+           Path("experiments/results/2026-11-26-h100-indirect-attempt11"),
+           Path("experiments/results/2026-11-26-h100-jsb-seeds"),
+           Path("experiments/results/2026-11-26-h100-extrapolation-seed1"))
 RUNS = ("indirect-pope", "indirect-rope", "jsb-pope", "jsb-rope", "extrapolation-pope", "extrapolation-rope",
         "extrapolation-rope-yarn-ft4096")
 # The log that starts after each run has ended (experiments/paper_session.sh runs these stages one after another).
@@ -231,8 +233,28 @@ class Report:
 
     @property
     def extrapolations(self) -> list[Session]:
-        """The sessions that ran the length-extrapolation set (eval-length's CSVs), the first one first."""
-        return [s for s in self.sessions if s.length_ppl]
+        """The first session to run the length-extrapolation set (eval-length's CSVs) at each model shape."""
+        firsts: dict[tuple[str, str], Session] = {}
+        for session in self.sessions:
+            if session.length_ppl:
+                firsts.setdefault(extrapolation_shape(session), session)
+        return list(firsts.values())
+
+    def extrapolation_seeds(self, first: Session) -> list[Session]:
+        """The later sessions that ran `first`'s length-extrapolation set again at its shape: further seeds."""
+        return [s for s in self.sessions if s.length_ppl and s is not first
+                and extrapolation_shape(s) == extrapolation_shape(first)]
+
+    def jsb_seeds(self) -> dict[str, tuple[Session, dict[str, Run]]]:
+        """JSB pairs by seed: the newest recipe's (`jsb`), then further seeds (`jsb-pope-seed1`, ...) from any
+        session, each as its session and its runs by model."""
+        pairs = {self.jsb.runs["jsb-pope"].params["seed"]: (self.jsb, {m: self.jsb.runs[f"jsb-{m.lower()}"]
+                                                                          for m in (POPE, ROPE)})}
+        for session in self.sessions:
+            for name, run in session.runs.items():
+                if match := re.fullmatch(r"jsb-(pope|rope)-seed(\d+)", name):
+                    pairs.setdefault(match.group(2), (session, {}))[1][model_of(run)] = run
+        return pairs
 
     @property
     def retries(self) -> list[Session]:
@@ -373,7 +395,7 @@ PoPE against RoPE on the paper's indirect-indexing task, on JSB chorales and on 
 {report.session_number(report.sessions[-1])} sessions of one to {number_word(calls)} device calls. Every number of
 ours below is computed by `experiments/report.py` from the committed results in {folders} (MLflow exports,
 training logs, eval-length's CSVs); the paper's numbers are quoted from the paper.
-One seed per run, except where a second seed is named.
+One seed per run, except where further seeds are named.
 """
 
 
@@ -384,7 +406,9 @@ def summary_section(report: Report) -> str:
     step, gap = equal_step_gaps(session)[-1]
     pope_nll = jsb.runs["jsb-pope"].test("test/loss")[-1][1]
     rope_nll = jsb.runs["jsb-rope"].test("test/loss")[-1][1]
-    tested = {m: jsb_tested_step(jsb, m) for m in (POPE, ROPE)}
+    tested = {m: jsb_tested_step(jsb, jsb.runs[f"jsb-{m.lower()}"]) for m in (POPE, ROPE)}
+    seed_nlls = [{m: run.test("test/loss")[-1][1] for m, run in runs.items()}
+                 for _, runs in report.jsb_seeds().values()]
     lengths = sorted(ppl_by_length(session)[POPE])
     rows = [
         ["indirect indexing, test accuracy", "{:.2f} ± {:.2f} %".format(*PAPER_INDIRECT[ROPE]),
@@ -403,19 +427,31 @@ def summary_section(report: Report) -> str:
            retry_verdict(report, retry)]
           for n, retry in enumerate(report.retries, start=2)),
         [f"JSB chorales, test NLL at the best validation (step {tested[POPE]:,} / {tested[ROPE]:,})",
-         f"{PAPER_JSB[ROPE]:.4f}", f"{PAPER_JSB[POPE]:.4f}", f"{rope_nll:.4f}", f"{pope_nll:.4f}",
+         f"{PAPER_JSB[ROPE]:.4f}", f"{PAPER_JSB[POPE]:.4f}", f"{rope_nll:.4f}{jsb_seed_means(report, ROPE)}",
+         f"{pope_nll:.4f}{jsb_seed_means(report, POPE)}",
          "both test NLLs; PoPE below RoPE in the paper",
-         f"{yes(pope_nll < rope_nll)}; {pope_nll / PAPER_JSB[POPE] - 1:+.0%} (PoPE) and "
+         f"{yes(all(nll[POPE] < nll[ROPE] for nll in seed_nlls))}"
+         + (f" (PoPE lower in {sum(nll[POPE] < nll[ROPE] for nll in seed_nlls)} of {len(seed_nlls)} seeds)"
+            if len(seed_nlls) > 1 else "")
+         + f"; {pope_nll / PAPER_JSB[POPE] - 1:+.0%} (PoPE) and "
          f"{rope_nll / PAPER_JSB[ROPE] - 1:+.0%} (RoPE) against the paper"],
         *([f"length extrapolation, ppl({lengths[-1]}) / ppl({lengths[0]}), {model_size(s)}",
            "blows up past 1024" if s is session else "", f"roughly flat to {lengths[-1]}" if s is session else "",
-           f"{ppl_ratio(s, ROPE):.2f}x", f"{ppl_ratio(s, POPE):.2f}x",
+           ratio_with_seeds(report, s, ROPE), ratio_with_seeds(report, s, POPE),
            f"PoPE ≤ {ISSUE_POPE_RATIO}x, RoPE > {ISSUE_ROPE_RATIO:.0f}x" if s is session else "as above",
-           f"PoPE: {yes(ppl_ratio(s, POPE) <= ISSUE_POPE_RATIO)}; RoPE: {yes(ppl_ratio(s, ROPE) > ISSUE_ROPE_RATIO)}"]
+           f"PoPE: {yes(all(ppl_ratio(x, POPE) <= ISSUE_POPE_RATIO for x in [s, *report.extrapolation_seeds(s)]))}; "
+           f"RoPE: {yes(all(ppl_ratio(x, ROPE) > ISSUE_ROPE_RATIO for x in [s, *report.extrapolation_seeds(s)]))}"]
           for s in report.extrapolations),
     ]
     head = ["experiment", "paper RoPE", "paper PoPE", "ours RoPE", "ours PoPE", "issue criterion", "met?"]
     return "## Summary\n\n" + table(head, rows) + "\n"
+
+
+def ratio_with_seeds(report: Report, first: Session, model: str) -> str:
+    """`1.78x (seed 1: 1.69x)`: a model's ppl ratio in a length-extrapolation set and in its repeats."""
+    return f"{ppl_ratio(first, model):.2f}x" + "".join(
+        f" (seed {seed.runs['extrapolation-pope'].params['seed']}: {ppl_ratio(seed, model):.2f}x)"
+        for seed in report.extrapolation_seeds(first))
 
 
 def schedule(run: Run) -> str:
@@ -506,6 +542,11 @@ def peak(run: Run) -> tuple[int, float]:
     return max(run.curve("val/accuracy"), key=lambda p: p[1])
 
 
+def without_seed(name: str) -> str:
+    """A run's name without the suffix of a further seed: `jsb-pope-seed1` -> `jsb-pope`."""
+    return re.sub(r"-seed\d+$", "", name)
+
+
 def wall_time(report: Report, session: Session, name: str) -> str:
     """A run's wall time as its logs tell it (m:ss)."""
     log = session.logs[name]
@@ -520,9 +561,10 @@ def wall_time(report: Report, session: Session, name: str) -> str:
             else:
                 calls.append(mmss(end - start) if session.logs[call].elapsed_s else f"< {mmss(end - start)}")
         return " + ".join(calls)
-    if NEXT_STAGE[name] not in session.logs:  # the session ended with this stage: nothing dates its end
+    next_stage = NEXT_STAGE[without_seed(name)]
+    if next_stage not in session.logs:  # the session ended with this stage: nothing dates its end
         return "-"
-    start, end = log.start, session.logs[NEXT_STAGE[name]].start
+    start, end = log.start, session.logs[next_stage].start
     assert start is not None and end is not None
     return f"≤ {mmss((end - start).total_seconds())}"
 
@@ -536,8 +578,8 @@ def card_of(session: Session) -> tuple[str, str, str]:
 def runs_table(report: Report, session: Session) -> str:
     """Steps, samples, wall time and stop reason of every run of a session."""
     rows = []
-    # in RUNS's order, an attempt's further seeds (`indirect-rope-seed1`) after their first
-    for name in sorted(session.runs, key=lambda n: (RUNS.index(re.sub(r"-seed\d+$", "", n)), n)):
+    # in RUNS's order, further seeds (`indirect-rope-seed1`) after their first
+    for name in sorted(session.runs, key=lambda n: (RUNS.index(without_seed(n)), n)):
         run, log, step = session.runs[name], session.logs[name], session.step(name)
         per_step = int(run.num("trainer.global_batch_size"))
         unit = "problems"
@@ -582,7 +624,7 @@ def later_setup(report: Report, session: Session) -> str:
     ran = " and ".join(sorted({name.split("-")[0] for name in session.runs}))
     n_calls = len(session.call_logs("indirect-pope"))
     if not indirect_runs(session):
-        calls = ("one after another on " + (f"one GPU of a {session.gpus}-GPU machine whose other GPUs trained "
+        calls = ("on " + (f"one GPU of a {session.gpus}-GPU machine whose other GPUs trained "
                  "indirect indexing (`SPARE_GPU_COMMAND` of `experiments/indirect_variants.sh`)" if session.gpus > 1
                  else "one GPU") + ", in one call")
     elif session.gpus > 1:
@@ -606,6 +648,11 @@ def later_setup(report: Report, session: Session) -> str:
         parts.append(f"its indirect-indexing runs are attempt {attempt} ({schedule(session.runs['indirect-pope'])})")
     if session in report.extrapolations[1:]:
         parts.append(f"its length-extrapolation runs are the second set below ({model_size(session)})")
+    if session.length_ppl and session not in report.extrapolations:
+        parts.append(f"its length-extrapolation runs repeat a set below with seed "
+                     f"{session.runs['extrapolation-pope'].params['seed']}")
+    if any(re.fullmatch(r"jsb-(pope|rope)-seed\d+", name) for name in session.runs):
+        parts.append("its JSB runs are further seeds of the pair below")
     return f"""
 Session {report.session_number(session)} (`{session.results.as_posix()}/`, {card}, driver {driver}, {versions};
 `card.txt` written {session.card[-1]}) ran {ran} again: {calls}. {upper_first("; ".join(parts))}.
@@ -1119,12 +1166,51 @@ Validation accuracy and the largest logit every {CURVE_EVERY:,} steps:
 """
 
 
-def jsb_tested_step(session: Session, model: str) -> int:
+def seeds_in_words(n: int) -> str:
+    return f"{upper_first(number_word(n))} seed{'s' if n > 1 else ''}"
+
+
+def jsb_tested_step(session: Session, run: Run) -> int:
     """The step whose weights scored the test split: the best validation's (trainer.test_on=best)."""
-    step = session.logs[f"jsb-{model.lower()}"].tested_step
+    step = session.logs[run.name].tested_step
     if step is None:
-        raise SystemExit(f"error: {session.results}/jsb-{model.lower()}.log does not say which checkpoint was tested")
+        raise SystemExit(f"error: {session.results}/{run.name}.log does not say which checkpoint was tested")
     return step
+
+
+def jsb_seed_means(report: Report, model: str) -> str:
+    """` (3 seeds: 0.5557 ± 0.0092)`: a model's mean test NLL and its spread over the JSB seeds, where there are."""
+    pairs = report.jsb_seeds()
+    if len(pairs) < 2:
+        return ""
+    nll = [runs[model].test("test/loss")[-1][1] for _, runs in pairs.values()]
+    return f" ({len(nll)} seeds: {statistics.mean(nll):.4f} ± {statistics.stdev(nll):.4f})"
+
+
+def jsb_seeds(report: Report) -> str:
+    """The JSB pair's test NLLs at every seed, and the gap's mean and spread."""
+    pairs = report.jsb_seeds()
+    if len(pairs) < 2:
+        return ""
+    nll = {seed: {m: run.test("test/loss")[-1][1] for m, run in runs.items()} for seed, (_, runs) in pairs.items()}
+    gaps = [nll[seed][ROPE] - nll[seed][POPE] for seed in pairs]
+    rows = [(runs[POPE], runs[ROPE], [f"`{session.results.as_posix()}/`",
+                                      *(f"{nll[seed][m]:.4f} (step {jsb_tested_step(session, runs[m]):,})"
+                                        for m in (POPE, ROPE)), f"{gap:+.4f}"])
+            for (seed, (session, runs)), gap in zip(pairs.items(), gaps, strict=True)]
+    mean = {m: statistics.mean(nll[seed][m] for seed in pairs) for m in (POPE, ROPE)}
+    spread = {m: statistics.stdev(nll[seed][m] for seed in pairs) for m in (POPE, ROPE)}
+    lower = sum(gap > 0 for gap in gaps)
+    return f"""
+The pair at {len(pairs)} seeds, test NLL at the best validation (the step whose weights were tested):
+
+{seed_table(["results", POPE, ROPE, "RoPE - PoPE"], rows)}
+
+Over the {number_word(len(pairs))} seeds PoPE's test NLL is {mean[POPE]:.4f} ± {spread[POPE]:.4f} and RoPE's
+{mean[ROPE]:.4f} ± {spread[ROPE]:.4f} (mean ± sample standard deviation); PoPE is lower in {lower} of
+{len(pairs)}, by {statistics.mean(gaps):.4f} ± {statistics.stdev(gaps):.4f} nats (the paper: by
+{PAPER_JSB[ROPE] - PAPER_JSB[POPE]:.4f}).
+"""
 
 
 def jsb_section(report: Report) -> str:
@@ -1134,7 +1220,7 @@ def jsb_section(report: Report) -> str:
     steps = int(run.num("trainer.max_steps"))
     batch, seq = int(run.num("trainer.global_batch_size")), int(run.num("data.seq_len"))
     bests = {m: best(r.curve("val/loss")) for m, r in runs.items()}
-    tested = {m: jsb_tested_step(session, m) for m in runs}
+    tested = {m: jsb_tested_step(session, r) for m, r in runs.items()}
     test = {m: r.test("test/loss")[-1][1] for m, r in runs.items()}
     last_test = {m: first.runs[f"jsb-{m.lower()}"].test("test/loss")[-1][1] for m in runs}
     rows = [[model, f"{bests[model][1]:.4f} (step {bests[model][0]:,})", f"{test[model]:.4f} (step {tested[model]:,})",
@@ -1182,7 +1268,7 @@ against RoPE's {test[ROPE]:.4f}: PoPE lower by {gap:.4f} nats (the paper: by {pa
 paper's values.
 
 ![JSB chorales: loss against step]({PLOTS}/jsb.png)
-
+{jsb_seeds(report)}
 Differences from the paper:
 
 - Data: the Bach chorales bundled with music21, not the paper's JSB files (229 / 76 / 77 chorales): the 365
@@ -1191,8 +1277,13 @@ Differences from the paper:
   {seq:,}-token windows across chorale boundaries. Different chorales and splits may explain the level.
 - The paper does not say which weights it tested; the best validation every
   {int(run.num("trainer.val_every_n_steps"))} steps is our reading.
-- One seed.
+- {seeds_in_words(len(report.jsb_seeds()))}.
 """
+
+
+def extrapolation_shape(session: Session) -> tuple[str, str]:
+    run = session.runs["extrapolation-pope"]
+    return run.params["model.n_layer"], run.params["model.d_model"]
 
 
 def model_size(session: Session) -> str:
@@ -1220,6 +1311,44 @@ def overrides(first: Session, session: Session) -> str:
         text += (f", trainer.compile {after.params.get('trainer.compile')} (first set: "
                  f"{before.params.get('trainer.compile')}; null compiles on GPU)")
     return text
+
+
+COMPILE_NOTE = ("trainer.compile=None compiles the model on the GPU (pope-lm's default since commit 2af3470); the "
+                "first row's runs had False and ran eagerly.")
+
+
+def seed_table(head: list[str], rows: list[tuple[Run, Run, list[str]]]) -> str:
+    """A table of runs repeated at other seeds: per row the seed, the settings changed against the first row's run
+    beyond the seed and the run folder, then the row's own cells; a note where trainer.compile is one of them."""
+    first = rows[0][0]
+    changed = [[f"{key}={new}" for key, new, _ in changed_params(first, run, {"run_dir", "name", "seed"})]
+               for run, _, _ in rows]
+    cells = [[run.params["seed"], ", ".join(change) or "-", *own] for (run, _, own), change in zip(rows, changed,
+                                                                                                  strict=True)]
+    note = f"\n\n{COMPILE_NOTE}" if any(c.startswith("trainer.compile=") for change in changed for c in change) else ""
+    return table(["seed", "changed against the first row", *head], cells) + note
+
+
+def extrapolation_seeds(report: Report, session: Session) -> str:
+    """The ratios at the longest length of a set and of its repeats at other seeds."""
+    seeds = report.extrapolation_seeds(session)
+    if not seeds:
+        return ""
+    longest = max(ppl_by_length(session)[POPE])
+    sets = [session, *seeds]
+    rows = [(s.runs["extrapolation-pope"], s.runs["extrapolation-rope"],
+             [f"`{s.results.as_posix()}/`", *(f"{ppl_ratio(s, m):.2f}x" for m in (POPE, ROPE, YARN_FT))])
+            for s in sets]
+    within = sum(ppl_ratio(s, POPE) <= ISSUE_POPE_RATIO for s in sets)
+    above = sum(ppl_ratio(s, ROPE) > ISSUE_ROPE_RATIO for s in sets)
+    return f"""
+The same set at {"another seed" if len(seeds) == 1 else "other seeds"}, ppl({longest:,}) / ppl(1,024):
+
+{seed_table(["results", POPE, ROPE, YARN_FT], rows)}
+
+PoPE within {ISSUE_POPE_RATIO}x in {within} of {len(sets)} seeds, RoPE above {ISSUE_ROPE_RATIO:.0f}x in {above} of
+{len(sets)}.
+"""
 
 
 def size_comparison(first: Session, session: Session) -> str:
@@ -1351,7 +1480,7 @@ straddling the training length counts in neither):
 {table(["model", "training length", "loss inside", "loss beyond", "exp(beyond - inside)"], pos_rows)}
 
 ![Loss against position]({PLOTS}/position_loss{suffix}.png)
-"""
+""" + extrapolation_seeds(report, session)
     if session is not first:
         return "\n" + text + size_comparison(first, session)
     return text + f"""
@@ -1368,7 +1497,7 @@ Differences from the paper:
 - YaRN fine-tune: {ft_steps} steps of {ft_batch} x {ft_seq:,} at lr {sci(ft.num("optim.lr"))}, not
   {PAPER_YARN_FT[0]} steps of {PAPER_YARN_FT[1]} x {PAPER_YARN_FT[2]:,} at {sci(PAPER_YARN_FT[3])}. Zero-shot
   YaRN is an extra baseline; "PoPE + fine-tune" was not run.
-- One seed.
+- {seeds_in_words(1 + len(report.extrapolation_seeds(session)))}.
 """
 
 
@@ -1476,6 +1605,16 @@ run(kind="nvidia-h100-x4", carry=[".whl", ".gpu"], command="COMPILE_MODE=default
     "SPARE_GPU_COMMAND=\\"EXTRAPOLATION_OVERRIDES='model.n_layer=12 model.d_model=768 model.n_head=12' "
     "RUNS=/tmp/runs/extrapolation ARCHIVE=extrapolation.tar.gz bash experiments/paper_session.sh extrapolation\\" "
     "bash experiments/indirect_variants.sh 'rope:' 'pope:model.attention_backend=reference' 'rope:seed=1'")
+```
+
+Session 9, on one H100 with the budget's last minutes, repeated the JSB pair at seeds 1 and 2 (all four runs at
+once on the GPU) and the length-extrapolation set at seed 1, in two calls; the archives unpacked into
+`experiments/results/2026-11-26-h100-jsb-seeds/` and `experiments/results/2026-11-26-h100-extrapolation-seed1/`:
+
+```
+run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command='JSB_SEEDS="1 2" bash experiments/paper_session.sh jsb')
+run(kind="nvidia-h100-x1", carry=[".whl", ".gpu"], command='EXTRAPOLATION_OVERRIDES="seed=1" '
+    'RUNS=/tmp/runs/seed1 ARCHIVE=extrapolation-seed1.tar.gz bash experiments/paper_session.sh extrapolation')
 ```
 
 The logs committed are filtered: carriage-return progress lines and blank lines removed.

@@ -149,3 +149,37 @@ def test_a_further_seed_of_an_attempt_is_reported_beside_its_first_run() -> None
     assert report.with_seeds(session, "PoPE") == "18.2 %"
     assert report.attempt_label((11, "RoPE (seed 1)")) == "attempt 11, seed 1"
     assert report.attempt_label((11, "RoPE")) == "attempt 11"
+
+
+def test_a_length_extrapolation_set_at_a_known_shape_is_a_seed_and_at_a_new_shape_a_set_of_its_own() -> None:
+    report = _load_report()
+
+    def extrapolation(results: str, layers: str, seed: str):
+        pope = report.Run("extrapolation-pope", "FINISHED", {"model.n_layer": layers, "model.d_model": "384",
+                                                             "seed": seed}, {})
+        rows = [{"model": "PoPE", "length": "1024", "ppl": "60"}]
+        return report.Session(Path(results), Path("p"), {"extrapolation-pope": pope}, {}, rows, [], [])
+
+    small, large = extrapolation("s", "6", "1337"), extrapolation("l", "12", "1337")
+    again = extrapolation("a", "6", "1")
+    both = report.Report([small, large, again])
+    assert [s.results.name for s in both.extrapolations] == ["s", "l"]
+    assert [s.results.name for s in both.extrapolation_seeds(small)] == ["a"]
+    assert both.extrapolation_seeds(large) == []
+
+
+def test_jsb_seeds_pair_the_newest_recipes_runs_with_further_seeds_from_any_session() -> None:
+    report = _load_report()
+
+    def run(name: str, position: str, seed: str):
+        return report.Run(name, "FINISHED", {"model.position": position, "seed": seed}, {})
+
+    newest = report.Session(Path("n"), Path("p"), {"jsb-pope": run("jsb-pope", "pope", "1337"),
+                                                   "jsb-rope": run("jsb-rope", "rope", "1337")}, {}, [], [], [])
+    seeds = report.Session(Path("s"), Path("p"), {name: run(name, position, seed) for name, position, seed in (
+        ("jsb-pope-seed1", "pope", "1"), ("jsb-rope-seed1", "rope", "1"), ("jsb-pope-seed2", "pope", "2"),
+        ("jsb-rope-seed2", "rope", "2"))}, {}, [], [], [])
+    pairs = report.Report([newest, seeds]).jsb_seeds()
+    assert list(pairs) == ["1337", "1", "2"]
+    assert pairs["1337"][0] is newest and pairs["2"][0] is seeds
+    assert {m: r.name for m, r in pairs["1"][1].items()} == {"PoPE": "jsb-pope-seed1", "RoPE": "jsb-rope-seed1"}
