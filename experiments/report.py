@@ -881,10 +881,15 @@ def indirect_retry(report: Report, number: int, retry: Session) -> str:
                     f"accuracy was {pct(val_n)}: after {passes[POPE, number]:.1f} passes over the "
                     f"{TRAIN_PROBLEMS:,} training problems it fit them {100 * (train_n - val_n):.1f} points "
                     "better than held-out ones, part of its progress memorization rather than the rule.")
-    acc1, acc_n = pope1.test("test/accuracy")[-1][1], pope_n.test("test/accuracy")[-1][1]
-    standing = ("Attempt 1 stays the result of this experiment." if acc_n <= acc1 else
-                f"PoPE scores higher on the test split in this attempt than in attempt 1 ({pct(acc_n)} against "
-                f"{pct(acc1)}).")
+    # PoPE's best test accuracy over the attempts before this one (attempt 1 is the base session)
+    earlier = [(1, pope1), *((n, s.runs["indirect-pope"]) for n, s in enumerate(report.retries, start=2)
+                             if n < number)]
+    best_number, best_acc = max(((n, run.test("test/accuracy")[-1][1]) for n, run in earlier), key=lambda p: p[1])
+    acc_n = pope_n.test("test/accuracy")[-1][1]
+    standing = (f"Attempt {best_number}'s PoPE stays the best on the test split so far ({pct(best_acc)}; this "
+                f"attempt: {pct(acc_n)})." if acc_n <= best_acc else
+                f"PoPE scores higher on the test split in this attempt than in any before it ({pct(acc_n)} against "
+                f"{pct(best_acc)} in attempt {best_number}).")
     if lr_end > lr_pulled:
         lr_note = f"attempt {number} never got that low (lr {sci(lr_end, 1)} at its last step)"
     elif end_n < pulls:
