@@ -1199,9 +1199,9 @@ def jsb_seeds(report: Report) -> str:
         return ""
     nll = {seed: {m: run.test("test/loss")[-1][1] for m, run in runs.items()} for seed, (_, runs) in pairs.items()}
     gaps = [nll[seed][ROPE] - nll[seed][POPE] for seed in pairs]
-    rows = [(runs[POPE], runs[ROPE], [f"`{session.results.as_posix()}/`",
-                                      *(f"{nll[seed][m]:.4f} (step {jsb_tested_step(session, runs[m]):,})"
-                                        for m in (POPE, ROPE)), f"{gap:+.4f}"])
+    rows = [(runs[POPE], [f"`{session.results.as_posix()}/`",
+                          *(f"{nll[seed][m]:.4f} (step {jsb_tested_step(session, runs[m]):,})" for m in (POPE, ROPE)),
+                          f"{gap:+.4f}"])
             for (seed, (session, runs)), gap in zip(pairs.items(), gaps, strict=True)]
     mean = {m: statistics.mean(nll[seed][m] for seed in pairs) for m in (POPE, ROPE)}
     spread = {m: statistics.stdev(nll[seed][m] for seed in pairs) for m in (POPE, ROPE)}
@@ -1322,14 +1322,15 @@ COMPILE_NOTE = ("trainer.compile=None compiles the model on the GPU (pope-lm's d
                 "first row's runs had False and ran eagerly.")
 
 
-def seed_table(head: list[str], rows: list[tuple[Run, Run, list[str]]]) -> str:
-    """A table of runs repeated at other seeds: per row the seed, the settings changed against the first row's run
-    beyond the seed and the run folder, then the row's own cells; a note where trainer.compile is one of them."""
+def seed_table(head: list[str], rows: list[tuple[Run, list[str]]]) -> str:
+    """A table of runs repeated at other seeds: per row (a run of the row, its cells) the seed, the settings the run
+    changed against the first row's beyond the seed, name and folder, then the cells; a note where
+    trainer.compile is one of them."""
     first = rows[0][0]
     changed = [[f"{key}={new}" for key, new, _ in changed_params(first, run, {"run_dir", "name", "seed"})]
-               for run, _, _ in rows]
-    cells = [[run.params["seed"], ", ".join(change) or "-", *own] for (run, _, own), change in zip(rows, changed,
-                                                                                                  strict=True)]
+               for run, _ in rows]
+    cells = [[run.params["seed"], ", ".join(change) or "-", *own]
+             for (run, own), change in zip(rows, changed, strict=True)]
     note = f"\n\n{COMPILE_NOTE}" if any(c.startswith("trainer.compile=") for change in changed for c in change) else ""
     return table(["seed", "changed against the first row", *head], cells) + note
 
@@ -1341,7 +1342,7 @@ def extrapolation_seeds(report: Report, session: Session) -> str:
         return ""
     longest = max(ppl_by_length(session)[POPE])
     sets = [session, *seeds]
-    rows = [(s.runs["extrapolation-pope"], s.runs["extrapolation-rope"],
+    rows = [(s.runs["extrapolation-pope"],
              [f"`{s.results.as_posix()}/`", *(f"{ppl_ratio(s, m):.2f}x" for m in (POPE, ROPE, YARN_FT))])
             for s in sets]
     within = sum(ppl_ratio(s, POPE) <= ISSUE_POPE_RATIO for s in sets)
