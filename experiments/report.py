@@ -1469,8 +1469,8 @@ cover fewer windows; all models see the same ones. Perplexity (ratio to the mode
   {ISSUE_POPE_RATIO}x" is {"met" if pope_ratio <= ISSUE_POPE_RATIO else "**not met**"}.
 - RoPE at {longest:,} is {rope_ratio:.2f}x its own at {lengths[0]:,}: the issue asks for more than
   {ISSUE_ROPE_RATIO:.0f}x, which is {"met" if rope_ratio > ISSUE_ROPE_RATIO else "**not met**"}. {rope_note}
-- The YaRN fine-tune (trained at {ft_len:,}) lies between PoPE and RoPE at
-  {", ".join(f"{n:,}" for n in between) or "none"} of the {len(beyond)} lengths beyond {ft_len:,}. Zero-shot
+- The YaRN fine-tune (trained at {ft_len:,}) lies between PoPE and RoPE at {len(between)} of the {len(beyond)}
+  lengths beyond {ft_len:,}{f" ({', '.join(f'{n:,}' for n in between)})" if between else ""}. Zero-shot
   YaRN (factor {scale[YARN]}) is flat ({ppl_ratio(session, YARN):.2f}x) but costs at short context: at
   {lengths[0]:,} it scores {ppl[YARN][lengths[0]]:.2f} against RoPE's {ppl[ROPE][lengths[0]]:.2f}; {
   f"it beats the fine-tune only at {', '.join(f'{n:,}' for n in zero_shot_better)}" if zero_shot_better
