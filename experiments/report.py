@@ -1403,6 +1403,7 @@ def extrapolation_section(report: Report, session: Session) -> str:
     ft_len = train_len(session, YARN_FT)
     beyond = [n for n in lengths if n > ft_len]
     between = [n for n in beyond if ppl[POPE][n] <= ppl[YARN_FT][n] <= ppl[ROPE][n]]
+    below_pope = [n for n in beyond if ppl[YARN_FT][n] < ppl[POPE][n]]
     zero_shot_better = [n for n in lengths if ppl[YARN][n] < ppl[YARN_FT][n]]
     scale = {r["model"]: r["scale_factor"] for r in session.length_ppl}
     pos_rows = []
@@ -1470,7 +1471,8 @@ cover fewer windows; all models see the same ones. Perplexity (ratio to the mode
 - RoPE at {longest:,} is {rope_ratio:.2f}x its own at {lengths[0]:,}: the issue asks for more than
   {ISSUE_ROPE_RATIO:.0f}x, which is {"met" if rope_ratio > ISSUE_ROPE_RATIO else "**not met**"}. {rope_note}
 - The YaRN fine-tune (trained at {ft_len:,}) lies between PoPE and RoPE at {len(between)} of the {len(beyond)}
-  lengths beyond {ft_len:,}{f" ({', '.join(f'{n:,}' for n in between)})" if between else ""}. Zero-shot
+  lengths beyond {ft_len:,}{f" ({', '.join(f'{n:,}' for n in between)})" if between else ""}{
+  f"; below PoPE at {', '.join(f'{n:,}' for n in below_pope)}" if below_pope else ""}. Zero-shot
   YaRN (factor {scale[YARN]}) is flat ({ppl_ratio(session, YARN):.2f}x) but costs at short context: at
   {lengths[0]:,} it scores {ppl[YARN][lengths[0]]:.2f} against RoPE's {ppl[ROPE][lengths[0]]:.2f}; {
   f"it beats the fine-tune only at {', '.join(f'{n:,}' for n in zero_shot_better)}" if zero_shot_better
