@@ -252,8 +252,8 @@ class Report:
                                                                           for m in (POPE, ROPE)})}
         for session in self.sessions:
             for name, run in session.runs.items():
-                if match := re.fullmatch(r"jsb-(pope|rope)-seed(\d+)", name):
-                    pairs.setdefault(match.group(2), (session, {}))[1][model_of(run)] = run
+                if name.startswith("jsb-") and (seed := further_seed(name)):
+                    pairs.setdefault(seed, (session, {}))[1][model_of(run)] = run
         return pairs
 
     @property
@@ -407,8 +407,7 @@ def summary_section(report: Report) -> str:
     pope_nll = jsb.runs["jsb-pope"].test("test/loss")[-1][1]
     rope_nll = jsb.runs["jsb-rope"].test("test/loss")[-1][1]
     tested = {m: jsb_tested_step(jsb, jsb.runs[f"jsb-{m.lower()}"]) for m in (POPE, ROPE)}
-    seed_nlls = [{m: run.test("test/loss")[-1][1] for m, run in runs.items()}
-                 for _, runs in report.jsb_seeds().values()]
+    seed_nlls = list(jsb_seed_nlls(report).values())
     lengths = sorted(ppl_by_length(session)[POPE])
     rows = [
         ["indirect indexing, test accuracy", "{:.2f} ± {:.2f} %".format(*PAPER_INDIRECT[ROPE]),
@@ -504,8 +503,8 @@ def seed_runs(session: Session) -> dict[str, Run]:
     """An attempt's further seeds (`indirect-rope-seed1`: the attempt's settings but the seed), by label."""
     found = {}
     for name, run in session.runs.items():
-        if match := re.fullmatch(r"indirect-(pope|rope)-seed(\d+)", name):
-            found[f"{model_of(run)} (seed {match.group(2)})"] = run
+        if name.startswith("indirect-") and (seed := further_seed(name)):
+            found[f"{model_of(run)} (seed {seed})"] = run
     return found
 
 
@@ -542,9 +541,18 @@ def peak(run: Run) -> tuple[int, float]:
     return max(run.curve("val/accuracy"), key=lambda p: p[1])
 
 
+SEED_SUFFIX = re.compile(r"-seed(\d+)$")  # a further seed's run: `jsb-pope-seed1` is jsb-pope at seed 1
+
+
+def further_seed(name: str) -> str | None:
+    """The seed a further seed's run names (`jsb-pope-seed1` -> `1`); None for a run at its recipe's seed."""
+    match = SEED_SUFFIX.search(name)
+    return match.group(1) if match else None
+
+
 def without_seed(name: str) -> str:
     """A run's name without the suffix of a further seed: `jsb-pope-seed1` -> `jsb-pope`."""
-    return re.sub(r"-seed\d+$", "", name)
+    return SEED_SUFFIX.sub("", name)
 
 
 def wall_time(report: Report, session: Session, name: str) -> str:
@@ -651,7 +659,7 @@ def later_setup(report: Report, session: Session) -> str:
     if session.length_ppl and session not in report.extrapolations:
         parts.append(f"its length-extrapolation runs repeat a set below with seed "
                      f"{session.runs['extrapolation-pope'].params['seed']}")
-    if any(re.fullmatch(r"jsb-(pope|rope)-seed\d+", name) for name in session.runs):
+    if any(name.startswith("jsb-") and further_seed(name) for name in session.runs):
         parts.append("its JSB runs are further seeds of the pair below")
     return f"""
 Session {report.session_number(session)} (`{session.results.as_posix()}/`, {card}, driver {driver}, {versions};
@@ -1183,21 +1191,26 @@ def jsb_tested_step(session: Session, run: Run) -> int:
     return step
 
 
+def jsb_seed_nlls(report: Report) -> dict[str, dict[str, float]]:
+    """The JSB pair's test NLLs (at the best validation) by seed and model."""
+    return {seed: {m: run.test("test/loss")[-1][1] for m, run in runs.items()}
+            for seed, (_, runs) in report.jsb_seeds().items()}
+
+
 def jsb_seed_means(report: Report, model: str) -> str:
     """` (3 seeds: 0.5557 ± 0.0092)`: a model's mean test NLL and its spread over the JSB seeds, where there are."""
-    pairs = report.jsb_seeds()
-    if len(pairs) < 2:
+    nll = [by_model[model] for by_model in jsb_seed_nlls(report).values()]
+    if len(nll) < 2:
         return ""
-    nll = [runs[model].test("test/loss")[-1][1] for _, runs in pairs.values()]
     return f" ({len(nll)} seeds: {statistics.mean(nll):.4f} ± {statistics.stdev(nll):.4f})"
 
 
-def jsb_seeds(report: Report) -> str:
+def jsb_seed_section(report: Report) -> str:
     """The JSB pair's test NLLs at every seed, and the gap's mean and spread."""
     pairs = report.jsb_seeds()
     if len(pairs) < 2:
         return ""
-    nll = {seed: {m: run.test("test/loss")[-1][1] for m, run in runs.items()} for seed, (_, runs) in pairs.items()}
+    nll = jsb_seed_nlls(report)
     gaps = [nll[seed][ROPE] - nll[seed][POPE] for seed in pairs]
     rows = [(runs[POPE], [f"`{session.results.as_posix()}/`",
                           *(f"{nll[seed][m]:.4f} (step {jsb_tested_step(session, runs[m]):,})" for m in (POPE, ROPE)),
@@ -1273,7 +1286,7 @@ against RoPE's {test[ROPE]:.4f}: PoPE lower by {gap:.4f} nats (the paper: by {pa
 paper's values.
 
 ![JSB chorales: loss against step]({PLOTS}/jsb.png)
-{jsb_seeds(report)}
+{jsb_seed_section(report)}
 Differences from the paper:
 
 - Data: the Bach chorales bundled with music21, not the paper's JSB files (229 / 76 / 77 chorales): the 365
@@ -1308,34 +1321,35 @@ def mean_train_loss(run: Run, last_steps: int = 100) -> float:
 def overrides(first: Session, session: Session) -> str:
     """The settings a later length-extrapolation set changed against the first (paper_session.sh's
     EXTRAPOLATION_OVERRIDES), as the recipe's overrides."""
-    before, after = first.runs["extrapolation-pope"], session.runs["extrapolation-pope"]
-    changed = changed_params(before, after, {"run_dir", "trainer.compile"})
-    text = f" with `{' '.join(f'{key}={new}' for key, new, _ in changed)}`" if changed else ""
-    # trainer.compile's default became null (compile on GPU) after session 1, whose runs ran eagerly (false)
-    if before.params.get("trainer.compile") != after.params.get("trainer.compile"):
-        text += (f", trainer.compile {after.params.get('trainer.compile')} (first set: "
-                 f"{before.params.get('trainer.compile')}; null compiles on GPU)")
-    return text
+    changed = changed_settings(first.runs["extrapolation-pope"], session.runs["extrapolation-pope"])
+    return f" with `{' '.join(changed)}`" if changed else ""
 
 
-COMPILE_NOTE = ("trainer.compile=None compiles the model on the GPU (pope-lm's default since commit 2af3470); the "
-                "first row's runs had False and ran eagerly.")
+def changed_settings(first: Run, run: Run) -> list[str]:
+    """`key=value` for each setting a repeated run changed against the first, beyond its seed, name and folder."""
+    return [f"{key}={new}" for key, new, _ in changed_params(first, run, {"run_dir", "name", "seed"})]
+
+
+def compile_note(changes: list[str]) -> str:
+    """Where trainer.compile is among the changes: what null means, and what the runs compared against did."""
+    if not any(change.startswith("trainer.compile=") for change in changes):
+        return ""
+    return ("\n\ntrainer.compile=None compiles the model on the GPU (pope-lm's default since commit 2af3470); the "
+            "runs compared against had False and ran eagerly.\n")
 
 
 def seed_table(head: list[str], rows: list[tuple[Run, list[str]]]) -> str:
     """A table of runs repeated at other seeds: per row (a run of the row, its cells) the seed, the settings the run
     changed against the first row's beyond the seed, name and folder, then the cells; a note where
     trainer.compile is one of them."""
-    first = rows[0][0]
-    changed = [[f"{key}={new}" for key, new, _ in changed_params(first, run, {"run_dir", "name", "seed"})]
-               for run, _ in rows]
+    changed = [changed_settings(rows[0][0], run) for run, _ in rows]
     cells = [[run.params["seed"], ", ".join(change) or "-", *own]
              for (run, own), change in zip(rows, changed, strict=True)]
-    note = f"\n\n{COMPILE_NOTE}" if any(c.startswith("trainer.compile=") for change in changed for c in change) else ""
+    note = compile_note(list(itertools.chain.from_iterable(changed)))
     return table(["seed", "changed against the first row", *head], cells) + note
 
 
-def extrapolation_seeds(report: Report, session: Session) -> str:
+def extrapolation_seed_section(report: Report, session: Session) -> str:
     """The ratios at the longest length of a set and of its repeats at other seeds."""
     seeds = report.extrapolation_seeds(session)
     if not seeds:
@@ -1488,9 +1502,10 @@ straddling the training length counts in neither):
 {table(["model", "training length", "loss inside", "loss beyond", "exp(beyond - inside)"], pos_rows)}
 
 ![Loss against position]({PLOTS}/position_loss{suffix}.png)
-""" + extrapolation_seeds(report, session)
+""" + extrapolation_seed_section(report, session)
     if session is not first:
-        return "\n" + text + size_comparison(first, session)
+        changes = changed_settings(first.runs["extrapolation-pope"], session.runs["extrapolation-pope"])
+        return "\n" + text + size_comparison(first, session) + compile_note(changes)
     return text + f"""
 Differences from the paper:
 
