@@ -12,6 +12,8 @@ For each (B, H, N, D) of issue 3 (bf16, causal):
      b          PoPE materialized: q', k' 2D wide (compiled elementwise) + SDPA, cuDNN backend
      c          pope-pytorch 0.2.1 fused Triton kernel (PoPE_pytorch.triton_pope_flash_attn.flash_attn)
      d          RoPE (compiled elementwise) + SDPA, FLASH backend
+     ours NAME  another revision's kernels/flash.py, given as --revision NAME=PATH (for instance
+                `git show HEAD~1:kernels/flash.py > old.py`): a kernel change measured against its predecessor
    all in this one process; forward+backward also replayed from a CUDA graph (every case but c), which takes the
    host's launch overhead out: at N = 1024 the eager timings measure mostly that overhead.
 First, check only (no timings) at each of CHECK_SHAPES: ours and b in bf16 against float64, with random inputs and
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -105,6 +108,22 @@ def pope_materialize(q: torch.Tensor, k: torch.Tensor, delta: torch.Tensor,
     return q2.to(q.dtype), k2.to(k.dtype)
 
 
+def load_revision(name: str, path: Path) -> types.ModuleType:
+    """Another revision's kernels/flash.py as the module pope_lm.kernels.revision_NAME, its custom ops registered
+    under the namespace pope_lm_NAME (torch.library allows one definition of an op name per process)."""
+    if not name.isidentifier():
+        raise SystemExit(f"--revision: NAME must be a Python identifier; got {name!r}")
+    source = path.read_text().replace('"pope_lm::', f'"pope_lm_{name}::')
+    module = types.ModuleType(f"pope_lm.kernels.revision_{name}")
+    module.__package__, module.__file__ = "pope_lm.kernels", str(path)
+    sys.modules[module.__name__] = module
+    exec(compile(source, str(path), "exec"), module.__dict__)  # the file's own path: Triton reads its source
+    return module
+
+
+REVISIONS: dict[str, types.ModuleType] = {}  # --revision NAME=PATH, loaded in main
+
+
 def pope_pytorch_flash_attn():
     from PoPE_pytorch.triton_pope_flash_attn import flash_attn
     return flash_attn
@@ -170,12 +189,14 @@ def make_cases(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int,
         q2, k2 = pope_materialize(leaves["q"], leaves["k"], leaves["delta"], phase)
         return F.scaled_dot_product_attention(q2, k2, leaves["v"], is_causal=True, scale=scale)
 
-    def ours():
-        return pope_attention(leaves["q"], leaves["k"], leaves["v"], leaves["delta"], causal=True)
+    def ours(attention=pope_attention):
+        return attention(leaves["q"], leaves["k"], leaves["v"], leaves["delta"], causal=True)
 
     pope_inputs = [leaves[x] for x in ("q", "k", "v", "delta")]
     cases = [
         Case("ours", ours, pope_inputs, dout),
+        *(Case(f"ours {name}", (lambda m: lambda: ours(m.pope_attention))(module), pope_inputs, dout)
+          for name, module in REVISIONS.items()),
         *([Case("ours fused-dq (A/B)", ours, pope_inputs, dout, fused_dq=True)] if ab else []),
         Case("a rope+cuDNN", rope_sdpa, pope_inputs[:3], dout, sdpa_backend=SDPBackend.CUDNN_ATTENTION),
         Case("b pope materialized+cuDNN", pope_sdpa, pope_inputs, dout, sdpa_backend=SDPBackend.CUDNN_ATTENTION),
@@ -467,7 +488,8 @@ def targets(rows: list[dict]) -> str:
     """Issue 3's targets, shape by shape (D = 64 shapes are the ones the targets name)."""
     lines = []
     for shape in dict.fromkeys(r["shape"] for r in rows if "fwd_ms" in r):
-        by = {r["case"].split()[0]: r for r in rows if r["shape"] == shape and "(A/B)" not in r["case"]}
+        by = {r["case"].split()[0]: r for r in rows if r["shape"] == shape and "(A/B)" not in r["case"]
+              and r["case"].removeprefix("ours ") not in REVISIONS}
         o, a, b, c = (by.get(x, {}) for x in ("ours", "a", "b", "c"))
 
         def nan_if_none(value: float | None) -> float:
@@ -514,7 +536,12 @@ def main() -> None:
                         help="indices into CHECK_SHAPES, checked (bf16, random and sharp inputs, no timings) first")
     parser.add_argument("--no-ab", dest="ab", action="store_false",
                         help="leave out the A/B case 'ours split-dq' (v1's separate dq pass)")
+    parser.add_argument("--revision", action="append", default=[], metavar="NAME=PATH",
+                        help="another revision's kernels/flash.py, timed and checked as the case 'ours NAME'")
     args = parser.parse_args()
+    for spec in args.revision:
+        name, _, path = spec.partition("=")
+        REVISIONS[name] = load_revision(name, Path(path))
     log(environment())
     ceilings()
     rows: list[dict] = []
