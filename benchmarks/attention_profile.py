@@ -1,15 +1,16 @@
-"""Nsight Compute's view of our attention kernels at one shape: where the time goes inside them.
+r"""Nsight Compute's view of our attention kernels at one shape: where the time goes inside them.
 
 The device machine's CUDA toolkit has `ncu`. This script autotunes and warms the kernels up first, then runs one
 forward+backward inside the NVTX range "profiled", so that ncu sees exactly one launch of each kernel with the
-configuration the autotuner picked (the stall reasons and pipe utilizations: add
---metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"):
+configuration the autotuner picked. One device call (`nvidia-h100-x1`, ~45 s) like the one behind
+results/attention-h100-2026-11-26-session10/5-ncu-10240.txt (which also asked for sm__inst_executed_pipe_*):
 
-    ncu --nvtx --nvtx-include "profiled/" --section SpeedOfLight --section ComputeWorkloadAnalysis \
-        --section WarpStateStats --section SchedulerStats --section Occupancy \
-        python3 benchmarks/attention_profile.py --shape 1 12 10240 64
-
-(benchmarks/attention_session.sh's sibling call: run(kind="nvidia-h100-x1", command="ncu ... python3 ...")).
+    stalls='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
+    pipes='regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active'
+    ncu --nvtx --nvtx-include "profiled/" --kernel-name regex:"_fwd_kernel|_dq_kernel|_dkdv_kernel|cudnn" \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats --section Occupancy \
+        --section InstructionStats --metrics "$stalls,$pipes" \
+        python3 benchmarks/attention_profile.py --shape 1 12 10240 64 --cudnn-forward > "$OUT/ncu.txt"
 """
 
 from __future__ import annotations
