@@ -426,8 +426,8 @@ def summary_section(report: Report) -> str:
            retry_verdict(report, retry)]
           for n, retry in enumerate(report.retries, start=2)),
         [f"JSB chorales, test NLL at the best validation (step {tested[POPE]:,} / {tested[ROPE]:,})",
-         f"{PAPER_JSB[ROPE]:.4f}", f"{PAPER_JSB[POPE]:.4f}", f"{rope_nll:.4f}{jsb_seed_means(report, ROPE)}",
-         f"{pope_nll:.4f}{jsb_seed_means(report, POPE)}",
+         f"{PAPER_JSB[ROPE]:.4f}", f"{PAPER_JSB[POPE]:.4f}", f"{rope_nll:.4f}{jsb_seed_means(seed_nlls, ROPE)}",
+         f"{pope_nll:.4f}{jsb_seed_means(seed_nlls, POPE)}",
          "both test NLLs; PoPE below RoPE in the paper",
          f"{yes(all(nll[POPE] < nll[ROPE] for nll in seed_nlls))}"
          + (f" (PoPE lower in {sum(nll[POPE] < nll[ROPE] for nll in seed_nlls)} of {len(seed_nlls)} seeds)"
@@ -1197,9 +1197,10 @@ def jsb_seed_nlls(report: Report) -> dict[str, dict[str, float]]:
             for seed, (_, runs) in report.jsb_seeds().items()}
 
 
-def jsb_seed_means(report: Report, model: str) -> str:
-    """` (3 seeds: 0.5557 ± 0.0092)`: a model's mean test NLL and its spread over the JSB seeds, where there are."""
-    nll = [by_model[model] for by_model in jsb_seed_nlls(report).values()]
+def jsb_seed_means(seed_nlls: list[dict[str, float]], model: str) -> str:
+    """` (3 seeds: 0.5557 ± 0.0092)`: a model's mean test NLL and its spread over the JSB seeds (`jsb_seed_nlls`),
+    where there are several."""
+    nll = [by_model[model] for by_model in seed_nlls]
     if len(nll) < 2:
         return ""
     return f" ({len(nll)} seeds: {statistics.mean(nll):.4f} ± {statistics.stdev(nll):.4f})"
