@@ -48,6 +48,11 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .reference import _check_shapes, pope_frequencies, softmax_scale
 
+try:  # Gluon, Triton's explicit dialect: the Hopper forward (flash_hopper.py) needs its warp specialization
+    from . import flash_hopper
+except ImportError:  # a Triton without Gluon: the Triton forward runs everywhere
+    flash_hopper = None
+
 __all__ = ["pope_attention"]
 
 HEAD_DIMS = (32, 64, 128)
@@ -574,11 +579,15 @@ def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     out = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     mu_k = _magnitudes(k)  # the streamed keys' softplus, once
-    _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
-            q, mu_k, v, freqs, delta.contiguous(), out, lse,
-            *_row_strides(q), *_row_strides(v),
-            heads, n_q, n_k, q_offset, sm_scale * math.log2(math.e),
-            CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
+    qk_scale = sm_scale * math.log2(math.e)
+    if flash_hopper is not None and flash_hopper.handles(q):
+        flash_hopper.forward(q, mu_k, v, freqs, delta.contiguous(), out, lse, causal, qk_scale, q_offset)
+    else:
+        _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
+                q, mu_k, v, freqs, delta.contiguous(), out, lse,
+                *_row_strides(q), *_row_strides(v),
+                heads, n_q, n_k, q_offset, qk_scale,
+                CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
     return out, lse
 
 

@@ -1,0 +1,64 @@
+"""Compile kernels/flash_hopper.py's forward for sm_90a on any machine and report what ptxas made of it.
+
+    python tests/hopper_compile.py HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16)
+
+Prints one JSON line: shared memory bytes, local-memory (spill) instructions, wgmma and mbarrier instruction
+counts. Run without TRITON_INTERPRET: Triton's interpreter replaces the jit functions Gluon's reductions call.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from pope_lm.kernels import flash_hopper
+
+# Triton's divisibility hints at launch: pointers from the torch allocator and row strides (multiples of D) are
+# multiples of 16; the compiled code (vector widths) depends on them.
+POINTERS = ("Q", "MuK", "V", "Freqs", "Delta", "Out", "Lse")
+
+
+def compile_for_sm90(head_dim: int, causal: bool, dtype: str):
+    kernel = flash_hopper._fwd_kernel
+    launch = flash_hopper.launch_options(head_dim)
+    constexprs = {name: value for name, value in launch.items() if name.isupper()} | {"CAUSAL": causal}
+    options = {name: value for name, value in launch.items() if not name.isupper()}
+    pointer_types = dict(Q=dtype, MuK=dtype, V=dtype, Freqs="fp32", Delta="fp32", Out=dtype, Lse="fp32")
+    signature = {name: "constexpr" if name in constexprs else f"*{pointer_types[name]}" if name in POINTERS
+                 else "fp32" if name == "qk_scale" else "i32" for name in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name in POINTERS or name.startswith("stride")}
+    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+
+
+def sass_of(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def main() -> None:
+    head_dim, causal, dtype = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
+    compiled = compile_for_sm90(head_dim, causal, dtype)
+    instructions = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass_of(compiled.asm["cubin"]).splitlines()
+                    if line.strip().startswith("/*") and "*/" in line]
+    opcodes = [ins.split()[0] if not ins.startswith("@") else ins.split()[1] for ins in instructions if ins]
+    print(json.dumps(dict(shared=compiled.metadata.shared,
+                          local_memory=sum(op.startswith(("LDL", "STL")) for op in opcodes),
+                          wgmma=sum(op.startswith("HGMMA") for op in opcodes),
+                          mbarrier=sum(op.startswith("SYNCS") for op in opcodes))))
+
+
+if __name__ == "__main__":
+    main()
