@@ -476,11 +476,12 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
 
 # Where the backward adds dq by fp32 atomics inside the dk/dv pass (8 matmul units) instead of running the separate
 # dq pass (11 units). On the H100 with triton 3.6 the fused pass spills 120-560 bytes of registers per thread and
-# lost at every measured shape with N >= 2048 or D = 128, but won at the launch-bound N = 1024, D = 64, the
-# pretraining shape (fwd+bwd 0.657 vs 0.741 ms at (8, 12, 1024, 64); attention_results.md, version 2). So: fused for
-# head dims in FUSED_DQ_HEAD_DIMS with at most FUSED_DQ_MAX_KEYS keys. benchmarks/attention.py widens both for
-# its "ours fused-dq (A/B)" case, to re-check the long shapes when Triton or the tiles change.
-FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset({32, 64})
+# lost at every measured shape with N >= 2048 or D = 128; it won at the launch-bound N = 1024, D = 64 in version 2
+# (attention_results.md), but no longer: in session 11 (attention_notes.md) the split backward took 0.537 ms of
+# GPU time for fwd+bwd at (8, 12, 1024, 64) with every kernel in Triton and 0.493 with the Gluon forward and dq
+# pass, against 0.562 fused (with the Gluon forward). So no head dim uses it by default; benchmarks/attention.py
+# widens both knobs for its "ours fused-dq (A/B)" case, to re-check when Triton or the tiles change.
+FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset()
 FUSED_DQ_MAX_KEYS = 1024
 
 
@@ -580,7 +581,7 @@ def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     mu_k = _magnitudes(k)  # the streamed keys' softplus, once
     qk_scale = sm_scale * math.log2(math.e)
-    if flash_hopper is not None and flash_hopper.handles(q):
+    if flash_hopper is not None and flash_hopper.handles("fwd", q):
         flash_hopper.forward(q, mu_k, v, freqs, delta.contiguous(), out, lse, causal, qk_scale, q_offset)
     else:
         _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
@@ -607,10 +608,13 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
     mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
     if split:
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
-        _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
-                q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq,
-                *_row_strides(q), *_row_strides(v), *_row_strides(dout),
-                heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
+        if flash_hopper is not None and flash_hopper.handles("dq", q):
+            flash_hopper.dq_pass(q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
+        else:
+            _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
+                    q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq,
+                    *_row_strides(q), *_row_strides(v), *_row_strides(dout),
+                    heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
         dq_acc = ddelta.new_zeros(1)  # unused
     else:
         dq_acc = torch.zeros((batch, heads, n_q, head_dim), device=q.device, dtype=torch.float32)

@@ -1,15 +1,17 @@
-"""PoPE attention's forward on Hopper (sm_90) in Gluon: a producer warpgroup builds the key tiles.
+"""PoPE attention's query-stationary passes on Hopper (sm_90) in Gluon: a producer warpgroup builds the key tiles.
 
-Same contract and arithmetic as flash.py's forward (see its docstring for the math); only the schedule differs.
-In the Triton forward the warps that run the softmax and the tensor-core products also build every streamed key
-tile's Cartesian halves kc = mu_k cos, ks = mu_k sin (load mu, multiply by the phases, convert, store to shared
-memory, barrier, advance the phases): measured, 40% of its time (benchmarks/attention_notes.md, session 10). Here
-each program of 128 query rows runs three warpgroups (warp specialization):
+Same contract and arithmetic as flash.py's forward and dq pass (see its docstring for the math); only the schedule
+differs. In the Triton kernels the warps that run the softmax and the tensor-core products also build every streamed
+key tile's Cartesian halves kc = mu_k cos, ks = mu_k sin (load mu, multiply by the phases, convert, store to shared
+memory, barrier, advance the phases): measured, 40% of the forward's time (benchmarks/attention_notes.md, session
+10). Here each program of 128 query rows runs three warpgroups (warp specialization):
 
     producer     for each key tile: mu_k (from the prepass) x the phases' cos and sin, and V, into one stage of a
                  ring of shared-memory buffers; then signals the stage ready (mbarrier) and advances the phases.
-    consumer x2  64 query rows each: waits for a stage, S = qc kc^T + qs ks^T on the tensor cores, online softmax,
-                 O += P V, then releases the stage (mbarrier; the producer waits for both consumers).
+    consumer x2  64 query rows each: waits for a stage, uses it on the tensor cores, then releases it (mbarrier;
+                 the producer refills a stage once both consumers released it).
+                 forward: S = qc kc^T + qs ks^T, online softmax, O += P V.
+                 dq pass: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq from gc, gs.
 
 The producer's work then runs beside the consumers' instead of before it, and one build serves 128 query rows.
 Triton's own warp specialization does not split this loop on Hopper (the key tiles are built in registers, not
@@ -17,10 +19,8 @@ loaded by TMA), hence Gluon, Triton's lower-level dialect with explicit layouts,
 
 Gluon kernels do not run in Triton's interpreter: on the CPU (CI) the tests compile this kernel for sm_90a and check
 its registers; its numbers are checked on the GPU by benchmarks/attention.py. flash.py calls it where `handles` says
-so and keeps the Triton forward for every other case (other GPUs, fp32, head dims not listed in CONFIGS).
+so and keeps the Triton kernels for every other case (other GPUs, fp32, head dims not listed in CONFIGS).
 """
-
-from __future__ import annotations
 
 import math
 import os
@@ -59,18 +59,22 @@ class Config:
     producer_regs: int
 
 
-# Measured on an H100 (benchmarks/attention_notes.md, session 11); tests/test_flash_hopper.py checks that each
-# compiles without spills. At D = 128 every configuration tried spilled (flash.py's forward runs there).
+# By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, session 11); tests/test_flash_hopper.py
+# checks that each compiles without spills, which depends on Triton's version (ptxas's too): these compile clean with
+# triton 3.6 (the GPU image's), 3.7 and 3.9 (CI's). At D = 128 every configuration tried spilled (flash.py's run).
 CONFIGS = {
-    32: Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
-    64: Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
+    ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
+    ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
+    ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
+    ("dq", 64): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
 }
 _MAXNREG = 168  # 3 warpgroups x 128 threads x 168 = 64,512 of the SM's 65,536 registers
 
 
-def handles(q: torch.Tensor) -> bool:
-    """Whether this forward runs for q: fp16/bf16 on an sm_90 GPU at a head dim in CONFIGS, unless POPE_LM_GLUON=0."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in CONFIGS
+def handles(kernel: str, q: torch.Tensor) -> bool:
+    """Whether `kernel` ("fwd", "dq") runs here for q: fp16/bf16 on an sm_90 GPU at a head dim in CONFIGS, unless
+    the environment sets POPE_LM_GLUON=0."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (kernel, q.shape[-1]) in CONFIGS
             and torch.cuda.get_device_capability(q.device) == (9, 0) and os.environ.get("POPE_LM_GLUON", "1") != "0")
 
 
@@ -93,89 +97,41 @@ def _softplus(x):
     return gl.maximum(x, 0.0) + _LN2 * _approx(1.0 + gl.exp2(-gl.abs(x) * _LOG2E), "lg2")
 
 
-@gluon.jit
-def _consumer(Q, MuK, V, Freqs, Delta, Out, Lse, stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
-              b, h, bh, start_m, n_q, n_k, q_offset, qk_scale, n_tiles, qc_s, qs_s, kc_s, ks_s, v_s, ready, empty,
-              CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              WG: gl.constexpr):
-    """Warpgroup WG's 64 query rows against the staged key tiles: scores, online softmax, P V; writes out and lse."""
-    ROWS: gl.constexpr = 64
-    dtype: gl.constexpr = Out.dtype.element_ty
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, BLOCK_N, 16])
-    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
-
-    # the queries' halves, built as flash.py's _query_block does (mu rounded first, sm_scale log2(e) folded in)
-    r0 = start_m + ROWS * WG
-    rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blocked))
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
-    q = gl.load(Q + b.to(gl.int64) * stride_qb + h * stride_qh + gl.expand_dims(rows, 1) * stride_qn
-                + gl.expand_dims(d, 0), mask=gl.expand_dims(rows < n_q, 1), other=0.0)
-    cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1) * gl.expand_dims(gl.load(Freqs + d), 0))
-    mu_q = _softplus(q.to(gl.float32)).to(dtype).to(gl.float32)
-    qc = qc_s.index(WG)
-    qs = qs_s.index(WG)
-    qc.store((mu_q * (cos * qk_scale)).to(dtype))
-    qs.store((mu_q * (sin * qk_scale)).to(dtype))
-    fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
-    _barrier()
-
-    if CAUSAL:  # this warpgroup's keys end before the program's (the other warpgroup's rows come later)
-        hi = gl.minimum(q_offset + r0 + ROWS, n_k)
-        full = gl.minimum(q_offset + r0 + 1, n_k) // BLOCK_N * BLOCK_N  # tiles from here on need the mask
-    else:
-        hi = n_k
-        full = n_k // BLOCK_N * BLOCK_N
-    my_tiles = gl.cdiv(hi, BLOCK_N)
-    q_pos = q_offset + r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma))
-
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_mma))
-    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_mma))
-    s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma)
-    for t in range(my_tiles):
-        stage = t % STAGES
-        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-        s = warpgroup_mma(qc, kc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-        s = warpgroup_mma(qs, ks_s.index(stage).permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        if t * BLOCK_N >= full:
-            cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_mma))
-            keep = gl.expand_dims(cols < n_k, 0)
-            if CAUSAL:
-                keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(q_pos, 1))
-            s = gl.where(keep, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_mma)), 1)
-        # P V waited for at once: with a wgmma still reading P's registers, ptxas serializes every wgmma (the next
-        # scores would reuse them); the other consumer and the producer fill the tensor cores' wait instead
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_s.index(stage), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(stage), count=1)
-
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_mma)), 1)
-    o_rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
-    o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
-    gl.store(Out + gl.expand_dims(bh.to(gl.int64) * n_q + o_rows, 1) * HEAD_DIM + gl.expand_dims(o_d, 0),
-             out.to(dtype), mask=gl.expand_dims(o_rows < n_q, 1))
-    lse_rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma))
-    gl.store(Lse + bh.to(gl.int64) * n_q + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < n_q)
+# ---------------------------------------------------------------------------------------------------------
+# What every program shares: its place, the ring of key tiles, the producer
 
 
 @gluon.jit
-def _producer(Q, MuK, V, Freqs, Delta, Out, Lse, stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
-              b, h, bh, start_m, n_q, n_k, q_offset, qk_scale, n_tiles, qc_s, qs_s, kc_s, ks_s, v_s, ready, empty,
-              CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              WG: gl.constexpr):
+def _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k, q_offset,
+             CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """This program's first query row, and its ring: the producer's inputs, the stages and their mbarriers."""
+    dtype: gl.constexpr = V.dtype.element_ty
+    # Causal: the last query blocks see the most keys; launch them first so the short ones fill the tail.
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0) if CAUSAL else gl.program_id(0)
+    bh = gl.program_id(1)
+    start_m = pid_m * 128
+    n_tiles = gl.cdiv(gl.minimum(q_offset + start_m + 128, n_k) if CAUSAL else n_k, BLOCK_N)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    kc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
+    ks_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
+    v_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # released by both consumers
+    # A consumer whose rows end a tile earlier never takes the program's last tile: no tile after it reuses a stage
+    # (n_tiles - that consumer's tiles <= 1 < STAGES), so nothing waits for its release.
+    ring = (MuK, V, Freqs, Delta, bh // n_heads, bh % n_heads, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles,
+            kc_s, ks_s, v_s, ready, empty)
+    return start_m, ring
+
+
+@gluon.jit
+def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The program's key tiles in order: kc, ks and V into the ring's stages."""
-    dtype: gl.constexpr = Out.dtype.element_ty
+    MuK, V, Freqs, Delta, b, h, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles, kc_s, ks_s, v_s, ready, empty = ring
+    dtype: gl.constexpr = V.dtype.element_ty
     blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     key_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blocked))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
@@ -204,55 +160,234 @@ def _producer(Q, MuK, V, Freqs, Delta, Out, Lse, stride_qb, stride_qh, stride_qn
         cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The consumers' common parts
+
+
+@gluon.jit
+def _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, freqs_ptr,
+                HEAD_DIM: gl.constexpr, layout: gl.constexpr):
+    """Raw queries r0 .. r0+63 (zeros past n_q) in `layout`, and cos, sin of their phases t theta (fp32)."""
+    rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    q = gl.load(Q + b.to(gl.int64) * stride_qb + h * stride_qh + gl.expand_dims(rows, 1) * stride_qn
+                + gl.expand_dims(d, 0), mask=gl.expand_dims(rows < n_q, 1), other=0.0)
+    cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1) * gl.expand_dims(gl.load(freqs_ptr + d), 0))
+    return q, cos, sin
+
+
+@gluon.jit
+def _stage_query_halves(qc_s, qs_s, q, cos, sin, qk_scale):
+    """The queries' halves into shared memory, built as flash.py's _query_block does (mu rounded first,
+    sm_scale log2(e) folded in)."""
+    dtype: gl.constexpr = qc_s.dtype
+    mu = _softplus(q.to(gl.float32)).to(dtype).to(gl.float32)
+    qc_s.store((mu * (cos * qk_scale)).to(dtype))
+    qs_s.store((mu * (sin * qk_scale)).to(dtype))
+
+
+@gluon.jit
+def _key_range(r0, n_k, q_offset, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tiles seen by query rows r0 .. r0+63, and the first key of the tiles that need the mask."""
+    if CAUSAL:  # a warpgroup's keys end before the program's (the other warpgroup's rows may come later)
+        hi = gl.minimum(q_offset + r0 + 64, n_k)
+        full = gl.minimum(q_offset + r0 + 1, n_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_k
+        full = n_k // BLOCK_N * BLOCK_N
+    return gl.cdiv(hi, BLOCK_N), full
+
+
+@gluon.jit
+def _keep(t, n_k, q_pos, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, layout: gl.constexpr):
+    """Which (query, key) pairs of tile t count: keys inside the sequence and, if causal, not after the query."""
+    cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    keep = gl.expand_dims(cols < n_k, 0)
+    if CAUSAL:
+        keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(q_pos, 1))
+    return keep
+
+
+@gluon.jit
+def _scores(qc, qs, ring, stage, s_init):
+    """S = qc kc^T + qs ks^T of the staged tile, issued on the tensor cores (not waited for)."""
+    kc_s, ks_s = ring[12], ring[13]
+    s = warpgroup_mma(qc, kc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    return warpgroup_mma(qs, ks_s.index(stage).permute((1, 0)), s, is_async=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@gluon.jit
+def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, WG: gl.constexpr):
+    """Warpgroup WG's 64 query rows against the staged key tiles: scores, online softmax, P V; writes out and lse."""
+    Q, Out, Lse, stride_qb, stride_qh, stride_qn, start_m, n_q, q_offset, qk_scale, qc_s, qs_s = rows
+    Freqs, b, h, bh, n_k, v_s, ready, empty = ring[2], ring[4], ring[5], ring[6], ring[7], ring[14], ring[15], ring[16]
+    dtype: gl.constexpr = Out.dtype.element_ty
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+
+    r0 = start_m + 64 * WG
+    qc = qc_s.index(WG)
+    qs = qs_s.index(WG)
+    q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, blocked)
+    _stage_query_halves(qc, qs, q, cos, sin, qk_scale)
+    fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
+    _barrier()
+
+    my_tiles, full = _key_range(r0, n_k, q_offset, CAUSAL, BLOCK_N)
+    q_pos = q_offset + r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
+    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_mma))
+    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_mma))
+    s_init = gl.zeros([64, BLOCK_N], gl.float32, s_mma)
+    for t in range(my_tiles):
+        stage = t % STAGES
+        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(qc, qs, ring, stage, s_init),))
+        if t * BLOCK_N >= full:
+            s = gl.where(_keep(t, n_k, q_pos, CAUSAL, BLOCK_N, s_mma), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_mma)), 1)
+        # P V waited for at once: with a wgmma still reading P's registers, ptxas serializes every wgmma (the next
+        # scores would reuse them); the other consumer and the producer fill the tensor cores' wait instead
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_s.index(stage), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(stage), count=1)
+
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_mma)), 1)
+    o_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
+    o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+    gl.store(Out + gl.expand_dims(bh.to(gl.int64) * n_q + o_rows, 1) * HEAD_DIM + gl.expand_dims(o_d, 0),
+             out.to(dtype), mask=gl.expand_dims(o_rows < n_q, 1))
+    lse_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
+    gl.store(Lse + bh.to(gl.int64) * n_q + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < n_q)
+
+
 @gluon.jit
 def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
                 n_heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    ROWS: gl.constexpr = 64
-    dtype: gl.constexpr = Out.dtype.element_ty
-    # Causal: the last query blocks see the most keys; launch them first so the short ones fill the tail.
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0) if CAUSAL else gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    start_m = pid_m * (2 * ROWS)
-    n_tiles = gl.cdiv(gl.minimum(q_offset + start_m + 2 * ROWS, n_k) if CAUSAL else n_k, BLOCK_N)
-
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
-    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    qc_s = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
-    qs_s = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
-    kc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
-    ks_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
-    v_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # released by both consumers
-    # A consumer whose rows end a tile earlier never takes the program's last tile: no tile after it reuses a stage
-    # (n_tiles - that consumer's tiles <= 1 < STAGES), so nothing waits for its release.
-
-    # Worker partitions share one signature, and Gluon passes constexprs to them only as elements of a literal
-    # tuple: hence the repetition (the last element is the consumer's warpgroup; the producer ignores it).
-    gl.warp_specialize([
-        (_consumer, (Q, MuK, V, Freqs, Delta, Out, Lse, stride_qb, stride_qh, stride_qn, stride_vb, stride_vh,
-                     stride_vn, b, h, bh, start_m, n_q, n_k, q_offset, qk_scale, n_tiles,
-                     qc_s, qs_s, kc_s, ks_s, v_s, ready, empty, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
-        (_consumer, (Q, MuK, V, Freqs, Delta, Out, Lse, stride_qb, stride_qh, stride_qn, stride_vb, stride_vh,
-                     stride_vn, b, h, bh, start_m, n_q, n_k, q_offset, qk_scale, n_tiles,
-                     qc_s, qs_s, kc_s, ks_s, v_s, ready, empty, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
-        (_producer, (Q, MuK, V, Freqs, Delta, Out, Lse, stride_qb, stride_qh, stride_qn, stride_vb, stride_vh,
-                     stride_vn, b, h, bh, start_m, n_q, n_k, q_offset, qk_scale, n_tiles,
-                     qc_s, qs_s, kc_s, ks_s, v_s, ready, empty, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 2)),
-    ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+    start_m, ring = _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k, q_offset,
+                             CAUSAL, HEAD_DIM, BLOCK_N, STAGES)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], Q.dtype.element_ty)
+    qc_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
+    qs_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
+    rows = (Q, Out, Lse, stride_qb, stride_qh, stride_qn, start_m, n_q, q_offset, qk_scale, qc_s, qs_s)
+    # Gluon hands constexprs to a partition only as direct elements of its argument tuple
+    gl.warp_specialize([(_fwd_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
+                        (_fwd_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
+                        (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES))],
+                       [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def launch_options(head_dim: int) -> dict:
-    """_fwd_kernel's constexprs and launch options for a head dim in CONFIGS."""
-    c = CONFIGS[head_dim]
+# ---------------------------------------------------------------------------------------------------------
+# Backward: the dq pass
+
+
+@gluon.jit
+def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, WG: gl.constexpr):
+    """Warpgroup WG's 64 query rows: P and dS recomputed tile by tile, gc = dS kc and gs = dS ks accumulated, then
+    dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs) sm_scale (flash.py's _polar_grad); writes dq."""
+    (Q, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, start_m, n_q, q_offset,
+     qk_scale, sm_scale, qc_s, qs_s, do_s) = rows
+    Freqs, b, h, bh, n_k = ring[2], ring[4], ring[5], ring[6], ring[7]
+    kc_s, ks_s, v_s, ready, empty = ring[12], ring[13], ring[14], ring[15], ring[16]
+    dtype: gl.constexpr = DQ.dtype.element_ty
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+
+    r0 = start_m + 64 * WG
+    qc = qc_s.index(WG)
+    qs = qs_s.index(WG)
+    do = do_s.index(WG)
+    q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, blocked)
+    _stage_query_halves(qc, qs, q, cos, sin, qk_scale)
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
+    q_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, blocked))
+    do.store(gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(q_rows, 1) * stride_don
+                     + gl.expand_dims(d, 0), mask=gl.expand_dims(q_rows < n_q, 1), other=0.0))
+    fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
+    _barrier()
+    s_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
+    lse = gl.load(Lse + bh.to(gl.int64) * n_q + s_rows, mask=s_rows < n_q, other=float("inf"))  # padded rows: P = 0
+    dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + s_rows, mask=s_rows < n_q, other=0.0)
+
+    my_tiles, full = _key_range(r0, n_k, q_offset, CAUSAL, BLOCK_N)
+    q_pos = q_offset + s_rows
+    gc = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
+    gs = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
+    s_init = gl.zeros([64, BLOCK_N], gl.float32, s_mma)
+    for t in range(my_tiles):
+        stage = t % STAGES
+        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+        s = _scores(qc, qs, ring, stage, s_init)
+        dp = warpgroup_mma(do, v_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+        p = gl.exp2(s - gl.expand_dims(lse, 1))
+        if t * BLOCK_N >= full:
+            p = gl.where(_keep(t, n_k, q_pos, CAUSAL, BLOCK_N, s_mma), p, 0.0)
+        ds = gl.convert_layout((p * (dp - gl.expand_dims(dvec, 1))).to(dtype), ds_layout)
+        gc = warpgroup_mma(ds, kc_s.index(stage), gc, is_async=True)
+        gs = warpgroup_mma(ds, ks_s.index(stage), gs, is_async=True)
+        gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(gc, gs))  # dS's registers: as P V in the forward
+        mbarrier.arrive(empty.index(stage), count=1)
+
+    q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, o_mma)
+    x = q.to(gl.float32)
+    dq = (cos * gc + sin * gs) * sm_scale / (1.0 + gl.exp2(-x * _LOG2E))  # sigmoid(q) (...)
+    o_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
+    o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+    gl.store(DQ + gl.expand_dims(bh.to(gl.int64) * n_q + o_rows, 1) * HEAD_DIM + gl.expand_dims(o_d, 0),
+             dq.to(dtype), mask=gl.expand_dims(o_rows < n_q, 1))
+
+
+@gluon.jit
+def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
+               stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+               n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
+               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    start_m, ring = _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k, q_offset,
+                             CAUSAL, HEAD_DIM, BLOCK_N, STAGES)
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+    qc_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
+    qs_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
+    do_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
+    rows = (Q, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, start_m, n_q,
+            q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s)
+    gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
+                        (_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
+                        (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES))],
+                       [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def launch_options(kernel: str, head_dim: int) -> dict:
+    """A kernel's constexprs and launch options for a head dim in CONFIGS."""
+    c = CONFIGS[kernel, head_dim]
     return dict(HEAD_DIM=head_dim, BLOCK_N=c.block_n, STAGES=c.stages,
                 CONSUMER_REGS=c.consumer_regs, PRODUCER_REGS=c.producer_regs, num_warps=4, maxnreg=_MAXNREG)
 
@@ -264,4 +399,16 @@ def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.T
     batch, heads, n_q, head_dim = q.shape
     _fwd_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
         q, mu_k, v, freqs, delta, out, lse, *q.stride()[:3], *v.stride()[:3], heads, n_q, v.shape[2], q_offset,
-        qk_scale, CAUSAL=causal, **launch_options(head_dim))
+        qk_scale, CAUSAL=causal, **launch_options("fwd", head_dim))
+
+
+def dq_pass(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, delta: torch.Tensor,
+            dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor, dq: torch.Tensor, causal: bool, sm_scale: float,
+            q_offset: int) -> None:
+    """flash.py's dq pass: as `forward`'s inputs, plus dout (unit last stride), lse and dvec = rowsum(dout * out)
+    (B, H, Nq) contiguous; writes dq (B, H, Nq, D) contiguous."""
+    batch, heads, n_q, head_dim = q.shape
+    _dq_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
+        q, mu_k, v, freqs, delta, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *dout.stride()[:3], heads,
+        n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal,
+        **launch_options("dq", head_dim))

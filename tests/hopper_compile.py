@@ -1,6 +1,6 @@
-"""Compile kernels/flash_hopper.py's forward for sm_90a on any machine and report what ptxas made of it.
+"""Compile a kernel of kernels/flash_hopper.py for sm_90a on any machine and report what ptxas made of it.
 
-    python tests/hopper_compile.py HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16)
+    python tests/hopper_compile.py KERNEL(fwd|dq) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16)
 
 Prints one JSON line: shared memory bytes, local-memory (spill) instructions, wgmma and mbarrier instruction
 counts. Run without TRITON_INTERPRET: Triton's interpreter replaces the jit functions Gluon's reductions call.
@@ -23,19 +23,22 @@ from pope_lm.kernels import flash_hopper
 
 # Triton's divisibility hints at launch: pointers from the torch allocator and row strides (multiples of D) are
 # multiples of 16; the compiled code (vector widths) depends on them.
-POINTERS = ("Q", "MuK", "V", "Freqs", "Delta", "Out", "Lse")
+KERNELS = {"fwd": flash_hopper._fwd_kernel, "dq": flash_hopper._dq_kernel}
+FP32 = ("Freqs", "Delta", "Lse", "Dvec", "sm_scale", "qk_scale")  # the rest: tensors in the input dtype, or i32
 
 
-def compile_for_sm90(head_dim: int, causal: bool, dtype: str):
-    kernel = flash_hopper._fwd_kernel
-    launch = flash_hopper.launch_options(head_dim)
+def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str):
+    kernel = KERNELS[kernel_name]
+    launch = flash_hopper.launch_options(kernel_name, head_dim)
     constexprs = {name: value for name, value in launch.items() if name.isupper()} | {"CAUSAL": causal}
     options = {name: value for name, value in launch.items() if not name.isupper()}
-    pointer_types = dict(Q=dtype, MuK=dtype, V=dtype, Freqs="fp32", Delta="fp32", Out=dtype, Lse="fp32")
-    signature = {name: "constexpr" if name in constexprs else f"*{pointer_types[name]}" if name in POINTERS
-                 else "fp32" if name == "qk_scale" else "i32" for name in kernel.arg_names}
+    pointers = [name for name in kernel.arg_names if name[0].isupper() and name not in constexprs]
+    signature = {name: "constexpr" if name in constexprs
+                 else ("*" if name in pointers else "") + ("fp32" if name in FP32 else dtype if name in pointers
+                                                           else "i32")
+                 for name in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-             if name in POINTERS or name.startswith("stride")}
+             if name in pointers or name.startswith("stride")}
     return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options=options)
 
@@ -49,8 +52,8 @@ def sass_of(cubin: bytes) -> str:
 
 
 def main() -> None:
-    head_dim, causal, dtype = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
-    compiled = compile_for_sm90(head_dim, causal, dtype)
+    kernel_name, head_dim, causal, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+    compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype)
     instructions = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass_of(compiled.asm["cubin"]).splitlines()
                     if line.strip().startswith("/*") and "*/" in line]
     opcodes = [ins.split()[0] if not ins.startswith("@") else ins.split()[1] for ins in instructions if ins]

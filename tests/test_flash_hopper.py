@@ -1,9 +1,9 @@
-"""The Hopper forward (kernels/flash_hopper.py) compiled for sm_90a on the CPU.
+"""The Hopper kernels (kernels/flash_hopper.py: forward, dq pass) compiled for sm_90a on the CPU.
 
-Gluon kernels do not run in Triton's interpreter, so CI cannot execute this one (benchmarks/attention.py checks its
-numbers on an H100). What CI can check is that every configuration flash.py would launch compiles, through this
-Triton's Gluon front end and ptxas, and fits its register budget: a spill to local memory would put the producer's
-phase tile or a consumer's accumulators behind memory loads and silently cost much of the kernel's speed.
+Gluon kernels do not run in Triton's interpreter, so CI cannot execute them (benchmarks/attention.py checks their
+numbers on an H100). What CI can check is that every kernel and configuration flash.py would launch compiles,
+through this Triton's Gluon front end and ptxas, and fits its register budget: a spill to local memory would put
+the producer's phase tile or a consumer's accumulators behind memory loads and silently cost much of the speed.
 """
 
 from __future__ import annotations
@@ -22,20 +22,20 @@ flash_hopper = flash.flash_hopper
 SMEM_PER_BLOCK = 227 * 1024  # an H100's shared memory per thread block
 
 
-def compiled_for_sm90(head_dim: int, causal: bool, dtype: str) -> dict:
+def compiled_for_sm90(kernel: str, head_dim: int, causal: bool, dtype: str) -> dict:
     # in a process of its own: the tests' TRITON_INTERPRET=1 (conftest.py) breaks Gluon's compilation
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), str(head_dim),
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), kernel, str(head_dim),
                              str(int(causal)), dtype], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 
 
 @pytest.mark.skipif(flash_hopper is None, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("head_dim", sorted(flash_hopper.CONFIGS) if flash_hopper else [])
+@pytest.mark.parametrize("kernel, head_dim", sorted(flash_hopper.CONFIGS) if flash_hopper else [])
 @pytest.mark.parametrize("causal, dtype", [(True, "bf16"), (False, "fp16")])
-def test_hopper_forward_compiles_for_sm90_without_spills(head_dim, causal, dtype):
-    report = compiled_for_sm90(head_dim, causal, dtype)
+def test_hopper_kernels_compile_for_sm90_without_spills(kernel, head_dim, causal, dtype):
+    report = compiled_for_sm90(kernel, head_dim, causal, dtype)
     assert report["wgmma"] > 0 and report["mbarrier"] > 0, report  # the warp-specialized kernel it should be
-    assert report["local_memory"] == 0, f"D={head_dim}: registers spill to local memory: {report}"
+    assert report["local_memory"] == 0, f"{kernel} D={head_dim}: registers spill to local memory: {report}"
     assert report["shared"] <= SMEM_PER_BLOCK, report
