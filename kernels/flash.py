@@ -581,7 +581,7 @@ def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     mu_k = _magnitudes(k)  # the streamed keys' softplus, once
     qk_scale = sm_scale * math.log2(math.e)
-    if flash_hopper is not None and flash_hopper.handles("fwd", q):
+    if flash_hopper is not None and flash_hopper.handles("fwd", q, causal):
         flash_hopper.forward(q, mu_k, v, freqs, delta.contiguous(), out, lse, causal, qk_scale, q_offset)
     else:
         _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
@@ -608,7 +608,7 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
     mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
     if split:
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
-        if flash_hopper is not None and flash_hopper.handles("dq", q):
+        if flash_hopper is not None and flash_hopper.handles("dq", q, causal):
             flash_hopper.dq_pass(q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
         else:
             _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
@@ -618,10 +618,13 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
         dq_acc = ddelta.new_zeros(1)  # unused
     else:
         dq_acc = torch.zeros((batch, heads, n_q, head_dim), device=q.device, dtype=torch.float32)
-    _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,
-            mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
-            *_row_strides(k), *_row_strides(v), *_row_strides(dout),
-            heads, n_q, n_k, q_offset, qk_scale, FUSED_DQ=not split, **constexprs)
+    if split and flash_hopper is not None and flash_hopper.handles("dkdv", q, causal):
+        flash_hopper.dkdv_pass(mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, causal, qk_scale, q_offset)
+    else:
+        _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,
+                mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
+                *_row_strides(k), *_row_strides(v), *_row_strides(dout),
+                heads, n_q, n_k, q_offset, qk_scale, FUSED_DQ=not split, **constexprs)
     if not split:
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         _dq_finish_kernel[(triton.cdiv(n_q, _ROW_BLOCK), bh)](

@@ -1,25 +1,26 @@
-"""PoPE attention's query-stationary passes on Hopper (sm_90) in Gluon: a producer warpgroup builds the key tiles.
+"""PoPE attention on Hopper (sm_90) in Gluon: a producer warpgroup builds the streamed tiles.
 
-Same contract and arithmetic as flash.py's forward and dq pass (see its docstring for the math); only the schedule
-differs. In the Triton kernels the warps that run the softmax and the tensor-core products also build every streamed
-key tile's Cartesian halves kc = mu_k cos, ks = mu_k sin (load mu, multiply by the phases, convert, store to shared
-memory, barrier, advance the phases): measured, 40% of the forward's time (benchmarks/attention_notes.md, session
-10). Here each program of 128 query rows runs three warpgroups (warp specialization):
+Same contract and arithmetic as flash.py's kernels (see its docstring for the math); only the schedule differs. In
+the Triton kernels the warps that run the softmax and the tensor-core products also build every streamed tile's
+Cartesian halves (load mu, multiply by the phases, convert, store to shared memory, barrier, advance the phases):
+measured, 40% of the forward's time (benchmarks/attention_notes.md, session 10). Here each program runs three
+warpgroups (warp specialization): a producer fills a ring of shared-memory stages and signals each one ready
+(mbarrier); two consumers, 64 stationary rows each, use a stage on the tensor cores and release it (mbarrier; the
+producer refills a stage once both consumers released it).
 
-    producer     for each key tile: mu_k (from the prepass) x the phases' cos and sin, and V, into one stage of a
-                 ring of shared-memory buffers; then signals the stage ready (mbarrier) and advances the phases.
-    consumer x2  64 query rows each: waits for a stage, uses it on the tensor cores, then releases it (mbarrier;
-                 the producer refills a stage once both consumers released it).
-                 forward: S = qc kc^T + qs ks^T, online softmax, O += P V.
-                 dq pass: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq from gc, gs.
+    forward   keys streamed: the producer builds kc = mu_k cos, ks = mu_k sin and stages V; each consumer holds 64
+              queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
+    dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq.
+    dk/dv     queries streamed: the producer builds qc, qs (phases computed directly) and stages dO; each consumer
+              holds 64 keys: S^T, dP^T, dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta.
 
-The producer's work then runs beside the consumers' instead of before it, and one build serves 128 query rows.
-Triton's own warp specialization does not split this loop on Hopper (the key tiles are built in registers, not
-loaded by TMA), hence Gluon, Triton's lower-level dialect with explicit layouts, shared memory and mbarriers.
+The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows.
+Triton's own warp specialization does not split these loops on Hopper (the streamed tiles are built in registers,
+not loaded by TMA), hence Gluon, Triton's lower-level dialect with explicit layouts, shared memory and mbarriers.
 
-Gluon kernels do not run in Triton's interpreter: on the CPU (CI) the tests compile this kernel for sm_90a and check
-its registers; its numbers are checked on the GPU by benchmarks/attention.py. flash.py calls it where `handles` says
-so and keeps the Triton kernels for every other case (other GPUs, fp32, head dims not listed in CONFIGS).
+Gluon kernels do not run in Triton's interpreter: on the CPU (CI) the tests compile these kernels for sm_90a and check
+their registers; their numbers are checked on the GPU by benchmarks/attention.py. flash.py calls them where `handles`
+says so and keeps the Triton kernels for every other case (other GPUs, fp32, head dims not listed in CONFIGS).
 """
 
 import math
@@ -67,15 +68,18 @@ CONFIGS = {
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
+    ("dkdv", 32): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104),
+    ("dkdv", 64): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104),
 }
 _MAXNREG = 168  # 3 warpgroups x 128 threads x 168 = 64,512 of the SM's 65,536 registers
 
 
-def handles(kernel: str, q: torch.Tensor) -> bool:
-    """Whether `kernel` ("fwd", "dq") runs here for q: fp16/bf16 on an sm_90 GPU at a head dim in CONFIGS, unless
-    the environment sets POPE_LM_GLUON=0."""
+def handles(kernel: str, q: torch.Tensor, causal: bool) -> bool:
+    """Whether `kernel` ("fwd", "dq", "dkdv") runs here for q: fp16/bf16 on an sm_90 GPU at a head dim in CONFIGS
+    (the dk/dv pass: causal only), unless the environment sets POPE_LM_GLUON=0."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (kernel, q.shape[-1]) in CONFIGS
-            and torch.cuda.get_device_capability(q.device) == (9, 0) and os.environ.get("POPE_LM_GLUON", "1") != "0")
+            and (causal or kernel != "dkdv") and torch.cuda.get_device_capability(q.device) == (9, 0)
+            and os.environ.get("POPE_LM_GLUON", "1") != "0")
 
 
 @gluon.jit
@@ -382,14 +386,182 @@ def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Backward: the dk, dv and d delta pass (keys stationary, query tiles streamed)
+
+
+@gluon.jit
+def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """The query tiles a key block sees, in order: qc, qs (from the prepass's mu_q, phases t theta computed directly,
+    sm_scale log2(e) folded in: the forward's halves exactly) and dO into the ring's stages."""
+    (MuQ, DO, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
+     qc_s, qs_s, do_s, ready, empty) = qring
+    dtype: gl.constexpr = DO.dtype.element_ty
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
+    freqs = gl.expand_dims(gl.load(Freqs + d), 0)
+    for t in range(n_tiles):
+        rows = lo + t * BLOCK_M + tile_rows
+        ok = gl.expand_dims(rows < n_q, 1)  # past the queries: zeros (their lse is +inf, so P = 0)
+        mu = gl.load(MuQ + gl.expand_dims(bh.to(gl.int64) * n_q + rows, 1) * HEAD_DIM + gl.expand_dims(d, 0),
+                     mask=ok, other=0.0)
+        do = gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(rows, 1) * stride_don
+                     + gl.expand_dims(d, 0), mask=ok, other=0.0)
+        # direct phases (two SFU ops per element, beside the consumers' tensor work) rather than a phase tile kept
+        # in registers: the consumers here need more registers than in the query-stationary passes
+        cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1) * freqs)
+        stage = t % STAGES
+        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
+        mu = mu.to(gl.float32)
+        qc_s.index(stage).store((mu * (cos * qk_scale)).to(dtype))
+        qs_s.index(stage).store((mu * (sin * qk_scale)).to(dtype))
+        do_s.index(stage).store(do)
+        fence_async_shared()
+        mbarrier.arrive(ready.index(stage), count=1)
+
+
+@gluon.jit
+def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                   STAGES: gl.constexpr, WG: gl.constexpr):
+    """Warpgroup WG's 64 keys against the streamed query tiles: P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc
+    and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc + sin gs) ln2 and d delta as flash.py's dk/dv pass."""
+    (K, V, DK, DV, DDelta, Lse, Dvec, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+     n_k, start_n, kc_own, ks_own, v_own) = krows
+    Freqs, b, h, bh, n_q, q_offset, lo, n_tiles = qring[2], qring[3], qring[4], qring[5], qring[6], qring[7], \
+        qring[12], qring[13]
+    qc_s, qs_s, do_s, ready, empty = qring[14], qring[15], qring[16], qring[17], qring[18]
+    dtype: gl.constexpr = DV.dtype.element_ty
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+
+    # this warpgroup's keys and values, stationary: kc, ks (built as flash.py's _polar does) and V in shared memory
+    k0 = start_n + 64 * WG
+    k, cos, sin = _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM, blocked)
+    mu = _softplus(k.to(gl.float32)).to(dtype).to(gl.float32)
+    kc = kc_own.index(WG)
+    ks = ks_own.index(WG)
+    vk = v_own.index(WG)
+    kc.store((mu * cos).to(dtype))
+    ks.store((mu * sin).to(dtype))
+    key_rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, blocked))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
+    vk.store(gl.load(V + b.to(gl.int64) * stride_vb + h * stride_vh + gl.expand_dims(key_rows, 1) * stride_vn
+                     + gl.expand_dims(d, 0), mask=gl.expand_dims(key_rows < n_k, 1), other=0.0))
+    fence_async_shared()
+    _barrier()
+
+    keys = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
+    first = (gl.maximum(k0 - q_offset, 0) // BLOCK_M * BLOCK_M - lo) // BLOCK_M if CAUSAL else 0
+    dv = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
+    gc = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
+    gs = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
+    s_init = gl.zeros([64, BLOCK_M], gl.float32, s_mma)
+    for t in range(n_tiles):
+        stage = t % STAGES
+        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+        if t >= first:  # tiles before it are all before these keys (causal): released unread
+            m0 = lo + t * BLOCK_M
+            st = warpgroup_mma(kc, qc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            st = warpgroup_mma(ks, qs_s.index(stage).permute((1, 0)), st, is_async=True)
+            dpt = warpgroup_mma(vk, do_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
+            cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))
+            col_ok = cols < n_q
+            lse = gl.load(Lse + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=float("inf"))  # padded: P = 0
+            pt = gl.exp2(st - gl.expand_dims(lse, 0))
+            # the diagonal's tiles, and every tile of a block with padded keys (whose P = exp2(0 - lse) may be inf)
+            if (CAUSAL and k0 + 63 > q_offset + m0) or k0 + 64 > n_k:
+                keep = gl.expand_dims(keys < n_k, 1)
+                if CAUSAL:
+                    keep = keep & (gl.expand_dims(keys, 1) <= gl.expand_dims(q_offset + cols, 0))
+                pt = gl.where(keep, pt, 0.0)
+            dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=0.0)
+            dst = gl.convert_layout((pt * (dpt - gl.expand_dims(dvec, 0))).to(dtype), op_layout)
+            pt = gl.convert_layout(pt.to(dtype), op_layout)
+            dv = warpgroup_mma(pt, do_s.index(stage), dv, is_async=True)
+            gc = warpgroup_mma(dst, qc_s.index(stage), gc, is_async=True)
+            gs = warpgroup_mma(dst, qs_s.index(stage), gs, is_async=True)
+            dv, gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(dv, gc, gs))
+        mbarrier.arrive(empty.index(stage), count=1)
+
+    # gc, gs carry the queries' sm_scale log2(e); ln2 leaves sm_scale (flash.py's _polar_grad)
+    k, cos, sin = _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM, o_mma)
+    x = k.to(gl.float32)
+    gc = gc * _LN2
+    gs = gs * _LN2
+    dk = (cos * gc + sin * gs) / (1.0 + gl.exp2(-x * _LOG2E))
+    o_keys = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
+    o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+    key_ok = gl.expand_dims(o_keys < n_k, 1)
+    ddelta = gl.where(key_ok, _softplus(x) * (gs * cos - gc * sin), 0.0)
+    gl.atomic_add(DDelta + h * HEAD_DIM + o_d, gl.sum(ddelta, 0), sem="relaxed")
+    out = gl.expand_dims(bh.to(gl.int64) * n_k + o_keys, 1) * HEAD_DIM + gl.expand_dims(o_d, 0)
+    gl.store(DK + out, dk.to(dtype), mask=key_ok)
+    gl.store(DV + out, dv.to(dtype), mask=key_ok)
+
+
+@gluon.jit
+def _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM: gl.constexpr,
+              layout: gl.constexpr):
+    """Raw keys k0 .. k0+63 (zeros past n_k) in `layout`, and cos, sin of their phases s theta + delta (fp32)."""
+    rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    k = gl.load(K + b.to(gl.int64) * stride_kb + h * stride_kh + gl.expand_dims(rows, 1) * stride_kn
+                + gl.expand_dims(d, 0), mask=gl.expand_dims(rows < n_k, 1), other=0.0)
+    cos, sin = _cos_sin(gl.expand_dims(rows.to(gl.float32), 1) * gl.expand_dims(gl.load(Freqs + d), 0)
+                        + gl.expand_dims(gl.load(Delta + h * HEAD_DIM + d), 0))
+    return k, cos, sin
+
+
+@gluon.jit
+def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
+                 stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                 n_heads, n_q, n_k, q_offset, qk_scale,
+                 CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                 STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    dtype: gl.constexpr = V.dtype.element_ty
+    bh = gl.program_id(1)
+    start_n = gl.program_id(0) * 128  # causal: the first key blocks are seen by the most queries, launched first
+    # query tiles that see keys start_n ..: from the one holding position start_n (causal) to the end
+    lo = gl.maximum(start_n - q_offset, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
+    n_tiles = gl.cdiv(gl.maximum(n_q - lo, 0), BLOCK_M)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+    qc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    qs_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    do_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    kc_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
+    ks_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
+    v_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # released by both consumers, read or skipped
+    qring = (MuQ, DO, Freqs, bh // n_heads, bh % n_heads, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh,
+             stride_don, lo, n_tiles, qc_s, qs_s, do_s, ready, empty)
+    krows = (K, V, DK, DV, DDelta, Lse, Dvec, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+             n_k, start_n, kc_own, ks_own, v_own)
+    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, 0)),
+                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, 1)),
+                        (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES))],
+                       [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Launchers
 
 
 def launch_options(kernel: str, head_dim: int) -> dict:
     """A kernel's constexprs and launch options for a head dim in CONFIGS."""
     c = CONFIGS[kernel, head_dim]
-    return dict(HEAD_DIM=head_dim, BLOCK_N=c.block_n, STAGES=c.stages,
-                CONSUMER_REGS=c.consumer_regs, PRODUCER_REGS=c.producer_regs, num_warps=4, maxnreg=_MAXNREG)
+    streamed = "BLOCK_M" if kernel == "dkdv" else "BLOCK_N"  # rows per streamed tile: queries, or keys
+    return {"HEAD_DIM": head_dim, streamed: c.block_n, "STAGES": c.stages,
+            "CONSUMER_REGS": c.consumer_regs, "PRODUCER_REGS": c.producer_regs, "num_warps": 4, "maxnreg": _MAXNREG}
 
 
 def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, delta: torch.Tensor,
@@ -412,3 +584,16 @@ def dq_pass(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.T
         q, mu_k, v, freqs, delta, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *dout.stride()[:3], heads,
         n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal,
         **launch_options("dq", head_dim))
+
+
+def dkdv_pass(mu_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, delta: torch.Tensor,
+              dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+              ddelta: torch.Tensor, causal: bool, qk_scale: float, q_offset: int) -> None:
+    """flash.py's dk/dv pass (split dq): mu_q = softplus(q) (B, H, Nq, D) contiguous from the prepass, k, v, dout with
+    unit last stride, lse and dvec (B, H, Nq); writes dk, dv (B, H, Nk, D) contiguous and adds d delta to ddelta
+    (H, D) fp32, which must start at zero."""
+    batch, heads, n_k, head_dim = k.shape
+    _dkdv_kernel[(triton.cdiv(n_k, 128), batch * heads)](
+        mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *k.stride()[:3], *v.stride()[:3],
+        *dout.stride()[:3], heads, mu_q.shape[2], n_k, q_offset, qk_scale, CAUSAL=causal,
+        **launch_options("dkdv", head_dim))

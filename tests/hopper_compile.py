@@ -1,6 +1,6 @@
 """Compile a kernel of kernels/flash_hopper.py for sm_90a on any machine and report what ptxas made of it.
 
-    python tests/hopper_compile.py KERNEL(fwd|dq) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16)
+    python tests/hopper_compile.py KERNEL(fwd|dq|dkdv) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16)
 
 Prints one JSON line: shared memory bytes, local-memory (spill) instructions, wgmma and mbarrier instruction
 counts. Run without TRITON_INTERPRET: Triton's interpreter replaces the jit functions Gluon's reductions call.
@@ -23,8 +23,9 @@ from pope_lm.kernels import flash_hopper
 
 # Triton's divisibility hints at launch: pointers from the torch allocator and row strides (multiples of D) are
 # multiples of 16; the compiled code (vector widths) depends on them.
-KERNELS = {"fwd": flash_hopper._fwd_kernel, "dq": flash_hopper._dq_kernel}
-FP32 = ("Freqs", "Delta", "Lse", "Dvec", "sm_scale", "qk_scale")  # the rest: tensors in the input dtype, or i32
+KERNELS = {"fwd": flash_hopper._fwd_kernel, "dq": flash_hopper._dq_kernel, "dkdv": flash_hopper._dkdv_kernel}
+# fp32 arguments; the other tensors are in the input dtype, the other scalars i32
+FP32 = ("Freqs", "Delta", "Lse", "Dvec", "DDelta", "sm_scale", "qk_scale")
 
 
 def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str):
