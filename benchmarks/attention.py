@@ -5,9 +5,10 @@ For each (B, H, N, D) of issue 3 (bf16, causal):
    (on as many heads as fit the reference's N x N matrices; every batch, so d delta is comparable);
 2. times forward and forward+backward (CUDA events, median) and the peak extra memory of one
    forward+backward for
-     ours       pope_attention (Triton, rotation in registers; dq pass chosen by flash.uses_fused_dq)
-     ours fused-dq   the same with dq added by atomics inside the dk/dv pass at every shape (the A/B case that
-                re-checks where the fused pass wins; --no-ab leaves it out)
+     ours       pope_attention (rotation in registers; on an H100 at D = 32 and 64 the Gluon kernels of
+                kernels/flash_hopper.py, elsewhere Triton's; POPE_LM_GLUON=0 runs Triton's everywhere)
+     ours fused-dq   the same with Triton's dk/dv pass adding dq by atomics at every shape (the A/B case that
+                re-checks whether the fused pass wins anywhere; --no-ab leaves it out)
      a          RoPE (compiled elementwise) + SDPA, cuDNN backend
      b          PoPE materialized: q', k' 2D wide (compiled elementwise) + SDPA, cuDNN backend
      c          pope-pytorch 0.2.1 fused Triton kernel (PoPE_pytorch.triton_pope_flash_attn.flash_attn)

@@ -50,6 +50,23 @@ _LOG2E = gl.constexpr(math.log2(math.e))
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64 (one wgmma M each)
 
 
+# Register layouts. Tiles of 64 rows move through registers in _BLOCKED (8 contiguous elements, 16 bytes, per thread
+# along a row); a warpgroup's wgmma results and register operands have the tensor cores' own layouts.
+_BLOCKED = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+
+
+@gluon.constexpr_function
+def _wgmma_layout(n):
+    """The layout of one warpgroup's (64, n) wgmma result."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
+def _operand_layout(n):
+    """The layout of a register A operand (64, K) of a wgmma whose result is (64, n)."""
+    return gl.DotOperandLayout(operand_index=0, parent=_wgmma_layout(n), k_width=2)
+
+
 @dataclass(frozen=True)
 class Config:
     """Per head dim: keys per tile, ring stages, and the registers per thread of each consumer and of the producer
@@ -136,7 +153,7 @@ def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     """The program's key tiles in order: kc, ks and V into the ring's stages."""
     MuK, V, Freqs, Delta, b, h, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles, kc_s, ks_s, v_s, ready, empty = ring
     dtype: gl.constexpr = V.dtype.element_ty
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    blocked: gl.constexpr = _BLOCKED
     key_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blocked))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
     freqs = gl.load(Freqs + d)
@@ -213,9 +230,8 @@ def _keep(t, n_k, q_pos, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, layout: gl
 
 
 @gluon.jit
-def _scores(qc, qs, ring, stage, s_init):
+def _scores(qc, qs, kc_s, ks_s, stage, s_init):
     """S = qc kc^T + qs ks^T of the staged tile, issued on the tensor cores (not waited for)."""
-    kc_s, ks_s = ring[12], ring[13]
     s = warpgroup_mma(qc, kc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
     return warpgroup_mma(qs, ks_s.index(stage).permute((1, 0)), s, is_async=True)
 
@@ -229,14 +245,12 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
                   STAGES: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 query rows against the staged key tiles: scores, online softmax, P V; writes out and lse."""
     Q, Out, Lse, stride_qb, stride_qh, stride_qn, start_m, n_q, q_offset, qk_scale, qc_s, qs_s = rows
-    Freqs, b, h, bh, n_k, v_s, ready, empty = ring[2], ring[4], ring[5], ring[6], ring[7], ring[14], ring[15], ring[16]
+    _, _, Freqs, _, b, h, bh, n_k, _, _, _, _, kc_s, ks_s, v_s, ready, empty = ring
     dtype: gl.constexpr = Out.dtype.element_ty
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, BLOCK_N, 16])
-    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+    blocked: gl.constexpr = _BLOCKED
+    s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
+    o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
+    p_layout: gl.constexpr = _operand_layout(HEAD_DIM)
 
     r0 = start_m + 64 * WG
     qc = qc_s.index(WG)
@@ -255,7 +269,7 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
     for t in range(my_tiles):
         stage = t % STAGES
         mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(qc, qs, ring, stage, s_init),))
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(qc, qs, kc_s, ks_s, stage, s_init),))
         if t * BLOCK_N >= full:
             s = gl.where(_keep(t, n_k, q_pos, CAUSAL, BLOCK_N, s_mma), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
@@ -309,15 +323,12 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs) sm_scale (flash.py's _polar_grad); writes dq."""
     (Q, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, start_m, n_q, q_offset,
      qk_scale, sm_scale, qc_s, qs_s, do_s) = rows
-    Freqs, b, h, bh, n_k = ring[2], ring[4], ring[5], ring[6], ring[7]
-    kc_s, ks_s, v_s, ready, empty = ring[12], ring[13], ring[14], ring[15], ring[16]
+    _, _, Freqs, _, b, h, bh, n_k, _, _, _, _, kc_s, ks_s, v_s, ready, empty = ring
     dtype: gl.constexpr = DQ.dtype.element_ty
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, BLOCK_N, 16])
-    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, HEAD_DIM, 16])
-    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+    blocked: gl.constexpr = _BLOCKED
+    s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
+    o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
+    ds_layout: gl.constexpr = _operand_layout(HEAD_DIM)
 
     r0 = start_m + 64 * WG
     qc = qc_s.index(WG)
@@ -343,7 +354,7 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     for t in range(my_tiles):
         stage = t % STAGES
         mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-        s = _scores(qc, qs, ring, stage, s_init)
+        s = _scores(qc, qs, kc_s, ks_s, stage, s_init)
         dp = warpgroup_mma(do, v_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
         p = gl.exp2(s - gl.expand_dims(lse, 1))
@@ -396,7 +407,7 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
     (MuQ, DO, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
      qc_s, qs_s, do_s, ready, empty) = qring
     dtype: gl.constexpr = DO.dtype.element_ty
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    blocked: gl.constexpr = _BLOCKED
     tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
     freqs = gl.expand_dims(gl.load(Freqs + d), 0)
@@ -421,22 +432,31 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
 
 
 @gluon.jit
+def _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM: gl.constexpr,
+              layout: gl.constexpr):
+    """Raw keys k0 .. k0+63 (zeros past n_k) in `layout`, and cos, sin of their phases s theta + delta (fp32)."""
+    rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    k = gl.load(K + b.to(gl.int64) * stride_kb + h * stride_kh + gl.expand_dims(rows, 1) * stride_kn
+                + gl.expand_dims(d, 0), mask=gl.expand_dims(rows < n_k, 1), other=0.0)
+    cos, sin = _cos_sin(gl.expand_dims(rows.to(gl.float32), 1) * gl.expand_dims(gl.load(Freqs + d), 0)
+                        + gl.expand_dims(gl.load(Delta + h * HEAD_DIM + d), 0))
+    return k, cos, sin
+
+
+@gluon.jit
 def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                    STAGES: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 keys against the streamed query tiles: P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc
     and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc + sin gs) ln2 and d delta as flash.py's dk/dv pass."""
     (K, V, DK, DV, DDelta, Lse, Dvec, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
      n_k, start_n, kc_own, ks_own, v_own) = krows
-    Freqs, b, h, bh, n_q, q_offset, lo, n_tiles = qring[2], qring[3], qring[4], qring[5], qring[6], qring[7], \
-        qring[12], qring[13]
-    qc_s, qs_s, do_s, ready, empty = qring[14], qring[15], qring[16], qring[17], qring[18]
+    _, _, Freqs, b, h, bh, n_q, q_offset, _, _, _, _, lo, n_tiles, qc_s, qs_s, do_s, ready, empty = qring
     dtype: gl.constexpr = DV.dtype.element_ty
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, BLOCK_M, 16])
-    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+    blocked: gl.constexpr = _BLOCKED
+    s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
+    o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
+    op_layout: gl.constexpr = _operand_layout(HEAD_DIM)
 
     # this warpgroup's keys and values, stationary: kc, ks (built as flash.py's _polar does) and V in shared memory
     k0 = start_n + 64 * WG
@@ -502,19 +522,6 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     out = gl.expand_dims(bh.to(gl.int64) * n_k + o_keys, 1) * HEAD_DIM + gl.expand_dims(o_d, 0)
     gl.store(DK + out, dk.to(dtype), mask=key_ok)
     gl.store(DV + out, dv.to(dtype), mask=key_ok)
-
-
-@gluon.jit
-def _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM: gl.constexpr,
-              layout: gl.constexpr):
-    """Raw keys k0 .. k0+63 (zeros past n_k) in `layout`, and cos, sin of their phases s theta + delta (fp32)."""
-    rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-    k = gl.load(K + b.to(gl.int64) * stride_kb + h * stride_kh + gl.expand_dims(rows, 1) * stride_kn
-                + gl.expand_dims(d, 0), mask=gl.expand_dims(rows < n_k, 1), other=0.0)
-    cos, sin = _cos_sin(gl.expand_dims(rows.to(gl.float32), 1) * gl.expand_dims(gl.load(Freqs + d), 0)
-                        + gl.expand_dims(gl.load(Delta + h * HEAD_DIM + d), 0))
-    return k, cos, sin
 
 
 @gluon.jit
