@@ -69,8 +69,10 @@ def _operand_layout(n):
 
 @dataclass(frozen=True)
 class Config:
-    """Per head dim: keys per tile, ring stages, and the registers per thread of each consumer and of the producer
-    (3 warpgroups of 128 threads share the SM's 64K; the producer holds its tile's phases, 2 x block_n x D fp32)."""
+    """Per pass and head dim: rows per streamed tile (keys in the forward and dq pass, queries in the dk/dv pass),
+    ring stages, and the registers per thread of each consumer and of the producer (3 warpgroups of 128 threads
+    share the SM's 64K; the key producer holds its tile's phases, 2 x block_n x D fp32; the query producer computes
+    them)."""
     block_n: int
     stages: int
     consumer_regs: int
@@ -79,7 +81,8 @@ class Config:
 
 # By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, session 11); tests/test_flash_hopper.py
 # checks that each compiles without spills, which depends on Triton's version (ptxas's too): these compile clean with
-# triton 3.6 (the GPU image's), 3.7 and 3.9 (CI's). At D = 128 every configuration tried spilled (flash.py's run).
+# triton 3.6 (the GPU image's), 3.7 and 3.9 (CI's). At D = 128 every configuration tried spilled: flash.py's kernels
+# run there.
 CONFIGS = {
     ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
