@@ -58,6 +58,11 @@ try:  # Gluon, Triton's explicit dialect: the Hopper kernels (flash_hopper.py) n
 except ImportError:  # a Triton without Gluon: this file's kernels run everywhere
     flash_hopper = None
 
+
+def _on_hopper(kernel: str, q: torch.Tensor, causal: bool) -> bool:
+    """Whether flash_hopper.py runs the pass `kernel` for q instead of this file's kernel."""
+    return flash_hopper is not None and flash_hopper.handles(kernel, q, causal)
+
 __all__ = ["pope_attention"]
 
 HEAD_DIMS = (32, 64, 128)
@@ -586,7 +591,7 @@ def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     mu_k = _magnitudes(k)  # the streamed keys' softplus, once
     qk_scale = sm_scale * math.log2(math.e)
-    if flash_hopper is not None and flash_hopper.handles("fwd", q, causal):
+    if _on_hopper("fwd", q, causal):
         flash_hopper.forward(q, mu_k, v, freqs, delta.contiguous(), out, lse, causal, qk_scale, q_offset)
     else:
         _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
@@ -613,7 +618,7 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
     mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
     if split:
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
-        if flash_hopper is not None and flash_hopper.handles("dq", q, causal):
+        if _on_hopper("dq", q, causal):
             flash_hopper.dq_pass(q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
         else:
             _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
@@ -623,7 +628,7 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
         dq_acc = ddelta.new_zeros(1)  # unused
     else:
         dq_acc = torch.zeros((batch, heads, n_q, head_dim), device=q.device, dtype=torch.float32)
-    if split and flash_hopper is not None and flash_hopper.handles("dkdv", q, causal):
+    if split and _on_hopper("dkdv", q, causal):
         flash_hopper.dkdv_pass(mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, causal, qk_scale, q_offset)
     else:
         _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,

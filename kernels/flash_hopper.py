@@ -72,11 +72,12 @@ class Config:
     """Per pass and head dim: rows per streamed tile (keys in the forward and dq pass, queries in the dk/dv pass),
     ring stages, and the registers per thread of each consumer and of the producer (3 warpgroups of 128 threads
     share the SM's 64K; the key producer holds its tile's phases, 2 x block_n x D fp32; the query producer computes
-    them)."""
+    them). causal_only: a configuration that spills for non-causal attention, left to flash.py's kernel there."""
     block_n: int
     stages: int
     consumer_regs: int
     producer_regs: int
+    causal_only: bool = False
 
 
 # By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, session 11); tests/test_flash_hopper.py
@@ -88,17 +89,18 @@ CONFIGS = {
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
-    ("dkdv", 32): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104),
-    ("dkdv", 64): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104),
+    ("dkdv", 32): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True),
+    ("dkdv", 64): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True),
 }
 _MAXNREG = 168  # 3 warpgroups x 128 threads x 168 = 64,512 of the SM's 65,536 registers
 
 
 def handles(kernel: str, q: torch.Tensor, causal: bool) -> bool:
-    """Whether `kernel` ("fwd", "dq", "dkdv") runs here for q: fp16/bf16 on an sm_90 GPU at a head dim in CONFIGS
-    (the dk/dv pass: causal only), unless the environment sets POPE_LM_GLUON=0."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (kernel, q.shape[-1]) in CONFIGS
-            and (causal or kernel != "dkdv") and torch.cuda.get_device_capability(q.device) == (9, 0)
+    """Whether `kernel` ("fwd", "dq", "dkdv") runs here for q: fp16/bf16 on an sm_90 GPU with a configuration in
+    CONFIGS for its head dim (and for non-causal attention, if it is causal only), unless POPE_LM_GLUON=0."""
+    config = CONFIGS.get((kernel, q.shape[-1]))
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and config is not None
+            and (causal or not config.causal_only) and torch.cuda.get_device_capability(q.device) == (9, 0)
             and os.environ.get("POPE_LM_GLUON", "1") != "0")
 
 
