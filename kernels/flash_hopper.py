@@ -203,13 +203,15 @@ def _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, fre
 
 
 @gluon.jit
-def _stage_query_halves(qc_s, qs_s, q, cos, sin, qk_scale):
-    """The queries' halves into shared memory, built as flash.py's _query_block does (mu rounded first,
-    sm_scale log2(e) folded in)."""
-    dtype: gl.constexpr = qc_s.dtype
+def _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs,
+                        HEAD_DIM: gl.constexpr):
+    """Queries r0 .. r0+63 as their halves in shared memory (qc, qs), built as flash.py's _query_block does (mu
+    rounded first, sm_scale log2(e) folded in)."""
+    dtype: gl.constexpr = qc.dtype
+    q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, _BLOCKED)
     mu = _softplus(q.to(gl.float32)).to(dtype).to(gl.float32)
-    qc_s.store((mu * (cos * qk_scale)).to(dtype))
-    qs_s.store((mu * (sin * qk_scale)).to(dtype))
+    qc.store((mu * (cos * qk_scale)).to(dtype))
+    qs.store((mu * (sin * qk_scale)).to(dtype))
 
 
 @gluon.jit
@@ -252,7 +254,6 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
     Q, Out, Lse, stride_qb, stride_qh, stride_qn, start_m, n_q, q_offset, qk_scale, qc_s, qs_s = rows
     _, _, Freqs, _, b, h, bh, n_k, _, _, _, _, kc_s, ks_s, v_s, ready, empty = ring
     dtype: gl.constexpr = Out.dtype.element_ty
-    blocked: gl.constexpr = _BLOCKED
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
     o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
     p_layout: gl.constexpr = _operand_layout(HEAD_DIM)
@@ -260,8 +261,7 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
     r0 = start_m + 64 * WG
     qc = qc_s.index(WG)
     qs = qs_s.index(WG)
-    q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, blocked)
-    _stage_query_halves(qc, qs, q, cos, sin, qk_scale)
+    _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM)
     fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
     _barrier()
 
@@ -339,8 +339,7 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     qc = qc_s.index(WG)
     qs = qs_s.index(WG)
     do = do_s.index(WG)
-    q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, blocked)
-    _stage_query_halves(qc, qs, q, cos, sin, qk_scale)
+    _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM)
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
     q_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, blocked))
     do.store(gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(q_rows, 1) * stride_don
