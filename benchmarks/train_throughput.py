@@ -16,6 +16,8 @@ the GPU, so the numbers measure the model, optimizer and loop, not the input pip
     python benchmarks/train_throughput.py --recipes 124m --seq-len 64 128 256 512 1024 \
         --variants pope-triton pope-reference rope     # where the kernel overtakes the reference (`auto`'s limit)
     python benchmarks/train_throughput.py --smoke     # a few CPU steps of a tiny model, to check the script
+    python benchmarks/train_throughput.py --recipes 124m --variants pope-triton rope --profile 3
+                                                      # + where each bare-loop step's GPU time goes, by kernel
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import time
 import traceback
 import warnings
@@ -100,8 +103,9 @@ def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.o
 
 
 def time_bare_loop(model: nn.Module, batches: list[torch.Tensor], warmup: int, steps: int,
-                   device: torch.device) -> float:
-    """Seconds per optimizer step of a plain training loop (bf16 autocast on CUDA, clipping, fused AdamW)."""
+                   device: torch.device, profile_steps: int = 0) -> float:
+    """Seconds per optimizer step of a plain training loop (bf16 autocast on CUDA, clipping, fused AdamW);
+    with profile_steps, then prints where that many more steps spent their GPU time (`print_kernel_profile`)."""
     optimizer = make_optimizer(model, 1e-4, device)
     step_fn = torch.compile(model) if device.type == "cuda" else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -122,7 +126,43 @@ def time_bare_loop(model: nn.Module, batches: list[torch.Tensor], warmup: int, s
     for i in range(steps):
         one_step(i)
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    if profile_steps and device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(profile_steps):
+                one_step(i)
+            _sync(device)
+        print_kernel_profile(prof.events(), profile_steps, seconds)
+    return seconds
+
+
+# Kernel-name patterns of the step's parts, first match wins (Gluon/Triton PoPE kernels keep their Python names)
+KERNEL_GROUPS = (
+    ("pope attention", re.compile(r"_fwd_kernel|_dq_kernel|_dkdv_kernel|_prepass_kernel|_dq_finish_kernel")),
+    ("sdpa attention", re.compile(r"cudnn|fmha|flash|attention", re.IGNORECASE)),
+    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|sm90_", re.IGNORECASE)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach|norm_kernel", re.IGNORECASE)),
+    ("compiled elementwise", re.compile(r"^triton_")),
+)
+
+
+def print_kernel_profile(events: list, steps: int, step_seconds: float, top: int = 15) -> None:
+    """GPU time per step by part and by kernel, against the timed wall time per step (busy < wall: host-bound)."""
+    per_kernel: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals = per_kernel.setdefault(event.name, [0.0, 0.0])
+            totals[0] += event.device_time_total / 1e3 / steps
+            totals[1] += 1 / steps
+    groups: dict[str, float] = {}
+    for name, (ms, _) in per_kernel.items():
+        group = next((g for g, pattern in KERNEL_GROUPS if pattern.search(name)), "other")
+        groups[group] = groups.get(group, 0.0) + ms
+    busy = sum(groups.values())
+    print(f"  GPU busy {busy:.2f} ms per step of {step_seconds * 1e3:.2f} ms wall; by part: "
+          + ", ".join(f"{g} {ms:.2f}" for g, ms in sorted(groups.items(), key=lambda item: -item[1])), flush=True)
+    for name, (ms, calls) in sorted(per_kernel.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"  {ms:7.3f} ms {calls:5.0f} x  {name[:110]}", flush=True)
 
 
 class _StepTimer(L.Callback):
@@ -232,7 +272,7 @@ VARIANTS = ("pope-triton", "pope-lightning", "rope", "pope-reference", "nanogpt"
 
 
 def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps: int, device: torch.device,
-                 peak: float | None, variants: tuple[str, ...] = VARIANTS) -> list[Result]:
+                 peak: float | None, variants: tuple[str, ...] = VARIANTS, profile_steps: int = 0) -> list[Result]:
     seq_len = cfg.data.seq_len
     batches = random_batches(4, micro_batch, seq_len, cfg.model.vocab_size, device)
     # the kernel by name on the GPU (`auto` runs the reference at short contexts); the CPU smoke run has no kernel
@@ -259,7 +299,8 @@ def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps
         model = builds[variant]()
         flops = model.flops_per_token(seq_len)  # type: ignore[operator]
         results.append(measure(name, variant, cfg, micro_batch,
-                               lambda m=model: time_bare_loop(m, batches, warmup, steps, device), flops, device, peak))
+                               lambda m=model: time_bare_loop(m, batches, warmup, steps, device, profile_steps),
+                               flops, device, peak))
         del model
     return results
 
@@ -288,6 +329,9 @@ def main() -> None:
                              "step (micro-batch x recipe length / length); rows are named recipe@length")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="which of the cases to time, in this order")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing each bare-loop variant, profile this many more steps and print their GPU "
+                             "time by part and by kernel")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -308,7 +352,7 @@ def main() -> None:
             at_len = replace(cfg, data=replace(cfg.data, seq_len=seq_len))
             name = f"{recipe}@{seq_len}" if args.seq_len else recipe
             results += bench_recipe(name, at_len, max(1, micro_batch * cfg.data.seq_len // seq_len), args.warmup,
-                                    args.steps, device, peak, tuple(args.variants))
+                                    args.steps, device, peak, tuple(args.variants), args.profile)
 
     env = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

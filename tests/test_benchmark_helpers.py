@@ -1,0 +1,41 @@
+"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kernel(name: str, us: float, device_type=torch.autograd.DeviceType.CUDA) -> SimpleNamespace:
+    return SimpleNamespace(name=name, device_time_total=us, device_type=device_type)
+
+
+def test_kernel_profile_sums_each_steps_gpu_time_by_part_and_lists_the_largest_kernels(capsys) -> None:
+    profile = _load("train_throughput").print_kernel_profile
+    events = [_kernel("_dkdv_kernel", 800.0), _kernel("_dkdv_kernel", 800.0), _kernel("_prepass_kernel", 100.0),
+              _kernel("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 3000.0),
+              _kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 500.0),
+              _kernel("triton_poi_fused_gelu_4", 200.0), _kernel("multi_tensor_apply_kernel<FusedOptimizer>", 400.0),
+              _kernel("memcpy", 100.0), _kernel("aten::mm", 9999.0, torch.autograd.DeviceType.CPU)]
+    profile(events, steps=2, step_seconds=0.004, top=2)
+    summary, first, second = capsys.readouterr().out.splitlines()
+    assert summary.startswith("  GPU busy 2.95 ms per step of 4.00 ms wall; by part: matmul 1.50, pope attention 0.85")
+    assert "sdpa attention 0.25" in summary and "optimizer 0.20" in summary
+    assert "compiled elementwise 0.10" in summary and "other 0.05" in summary
+    assert "1.500 ms" in first and "nvjet" in first
+    assert "0.800 ms     1 x  _dkdv_kernel" in second
+
