@@ -1,8 +1,10 @@
-"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary."""
+"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary and
+hopper_check.py's switch between this checkout's Hopper kernels, a revision's and Triton's."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,3 +41,17 @@ def test_kernel_profile_sums_each_steps_gpu_time_by_part_and_lists_the_largest_k
     assert "1.500 ms" in first and "nvjet" in first
     assert "0.800 ms     1 x  _dkdv_kernel" in second
 
+
+def test_hopper_check_routes_attention_through_a_revisions_kernels_then_restores_the_checkouts(
+        monkeypatch) -> None:
+    check = _load("hopper_check")
+    monkeypatch.delenv("POPE_LM_GLUON", raising=False)
+    checkout = check.flash.flash_hopper
+    revision = check.load_revision(REPO / "kernels" / "flash_hopper.py")
+    assert revision is not checkout and revision.CONFIGS.keys() == checkout.CONFIGS.keys()
+    with check.hopper_kernels(revision):
+        assert check.flash.flash_hopper is revision and os.environ["POPE_LM_GLUON"] == "1"
+    assert check.flash.flash_hopper is checkout and "POPE_LM_GLUON" not in os.environ
+    with check.hopper_kernels(None):  # Triton's kernels everywhere
+        assert os.environ["POPE_LM_GLUON"] == "0"
+    assert "POPE_LM_GLUON" not in os.environ

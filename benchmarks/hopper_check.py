@@ -1,0 +1,144 @@
+"""The Hopper (Gluon) attention passes on the GPU: edge cases against float64, and fwd+bwd time against a revision.
+
+CI cannot run kernels/flash_hopper.py (Gluon has no CPU interpreter; tests/test_flash_hopper.py only compiles it), so
+this script is its numerical test on an H100:
+1. for each case of CASES (odd lengths, Nq < Nk with q_offset, one query, non-causal, fp16, the sharp q, k x 16 case,
+   D = 32 and 64) the relative errors of out, dq, dk, dv and d delta against the float64 reference, for the Triton
+   kernels (POPE_LM_GLUON=0) and the Gluon ones side by side: a Gluon row must match the Triton row to the printed
+   digit, since both build the same halves and differ only in summation order;
+2. forward+backward time replayed from a CUDA graph at TIMED shapes for the Triton kernels, this checkout's Gluon
+   kernels and, with --revision PATH (another revision's flash_hopper.py, e.g. `git show HEAD~1:kernels/flash_hopper.py
+   > old.py`), that revision's Gluon kernels, all in this one process.
+
+    python3 benchmarks/hopper_check.py --revision old.py     # on the device machine, from the repository root
+
+The checks take ~4 minutes on an H100, mostly the Triton kernels' autotuning at every new shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import math
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attention import THETA, kernels  # this checkout's kernels, installed or not
+
+flash = kernels.flash
+# (head dim, B, H, Nq, Nk, q_offset, causal, dtype, scale of q and k)
+CASES = [
+    (d, *case)
+    for d in (64, 32)
+    for case in [
+        (2, 3, 1000, 1000, 0, True, torch.bfloat16, 1.0),
+        (1, 2, 777, 777, 0, True, torch.float16, 1.0),
+        (1, 2, 300, 1200, 900, True, torch.bfloat16, 1.0),
+        (1, 2, 65, 513, 448, True, torch.bfloat16, 1.0),
+        (2, 2, 640, 1000, 0, False, torch.bfloat16, 1.0),
+        (1, 2, 1, 700, 699, True, torch.bfloat16, 1.0),
+        (4, 4, 64, 64, 0, True, torch.bfloat16, 16.0),
+        (1, 2, 2048, 2048, 0, True, torch.bfloat16, 1.0),
+        (2, 2, 10, 1000, 0, True, torch.bfloat16, 1.0),  # key blocks past every query: zero gradients
+    ]
+]
+TIMED = [(8, 12, 1024, 64), (16, 12, 1024, 64), (2, 12, 4096, 64), (1, 12, 10240, 64), (1, 16, 16384, 64),
+         (4, 16, 2048, 32), (1, 16, 8192, 32)]
+
+
+@contextmanager
+def hopper_kernels(module):
+    """flash.py's passes through `module`'s Gluon kernels (None: the Triton kernels everywhere)."""
+    saved, saved_env = flash.flash_hopper, os.environ.get("POPE_LM_GLUON")
+    os.environ["POPE_LM_GLUON"] = "0" if module is None else "1"
+    flash.flash_hopper = module or saved
+    try:
+        yield
+    finally:
+        flash.flash_hopper = saved
+        if saved_env is None:
+            os.environ.pop("POPE_LM_GLUON")
+        else:
+            os.environ["POPE_LM_GLUON"] = saved_env
+
+
+def load_revision(path: Path):
+    spec = importlib.util.spec_from_file_location("flash_hopper_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # Gluon reads the kernels' source from the file
+    return module
+
+
+def inputs(d, b, h, n_q, n_k, dtype, scale, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = (scale * torch.randn(b, h, n_q, d, device="cuda", generator=g)).to(dtype)
+    k = (scale * torch.randn(b, h, n_k, d, device="cuda", generator=g)).to(dtype)
+    v = torch.randn(b, h, n_k, d, device="cuda", generator=g).to(dtype)
+    dout = torch.randn(b, h, n_q, d, device="cuda", generator=g).to(dtype)
+    delta = -2 * math.pi * torch.rand(h, d, device="cuda", generator=g)
+    return q, k, v, delta, dout
+
+
+def grads(attention, q, k, v, delta, dout, causal, q_offset):
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, delta)]
+    out = attention(*leaves, causal=causal, theta=THETA, q_offset=q_offset)
+    return (out, *torch.autograd.grad(out, leaves, dout))
+
+
+def check(cases, variants) -> None:
+    print("## relative error (norm) of out dq dk dv ddelta against float64")
+    for d, b, h, n_q, n_k, q_offset, causal, dtype, scale in cases:
+        q, k, v, delta, dout = inputs(d, b, h, n_q, n_k, dtype, scale)
+        ref = grads(kernels.pope_attention_reference, *(x.double() for x in (q, k, v, delta, dout)), causal, q_offset)
+        line = f"D={d} ({b},{h},{n_q},{n_k}) off={q_offset} causal={causal} {str(dtype)[6:]} x{scale}:"
+        for name, module in variants.items():
+            with hopper_kernels(module):
+                ours = grads(kernels.pope_attention, q, k, v, delta, dout, causal, q_offset)
+            errors = [((o.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+                      for o, r in zip(ours, ref, strict=True)]
+            line += f" | {name} " + " ".join(f"{e:.1e}" for e in errors)
+        print(line, flush=True)
+
+
+def time_fwd_bwd(shapes, variants) -> None:
+    print("## fwd+bwd CUDA-graph ms (bf16, causal, median)")
+    for b, h, n, d in shapes:
+        q, k, v, delta, dout = inputs(d, b, h, n, n, torch.bfloat16, 1.0)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, delta)]
+        times = {}
+        for name, module in variants.items():
+            with hopper_kernels(module):
+                def fwd_bwd(leaves=leaves, dout=dout):
+                    return torch.autograd.grad(kernels.pope_attention(*leaves, theta=THETA), leaves, dout)
+
+                fwd_bwd()
+                torch.cuda.synchronize()
+                times[name] = triton.testing.do_bench_cudagraph(fwd_bwd, rep=100, return_mode="median")
+        print(f"({b},{h},{n},{d}): " + "  ".join(f"{name}={ms:.3f}" for name, ms in times.items()), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--revision", type=Path, default=None, help="another revision's kernels/flash_hopper.py")
+    parser.add_argument("--no-checks", dest="checks", action="store_false", help="timings only")
+    parser.add_argument("--no-timings", dest="timings", action="store_false", help="checks only")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.date.today(), flush=True)
+    variants = {"triton": None, "gluon": flash.flash_hopper}
+    if args.revision:
+        variants["revision"] = load_revision(args.revision)
+    if args.checks:
+        check(CASES, variants)
+    if args.timings:
+        time_fwd_bwd(TIMED, variants)
+
+
+if __name__ == "__main__":
+    main()
