@@ -495,16 +495,19 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
             st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
             cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))
             col_ok = cols < n_q
+            # lse and D of the tile's queries, both used before the mask's branch: the compiler then issues their
+            # loads beside the products above rather than after the branch, on the tile's critical path
             lse = gl.load(Lse + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=float("inf"))  # padded: P = 0
+            dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=0.0)
             pt = gl.exp2(st - gl.expand_dims(lse, 0))
+            dpt = dpt - gl.expand_dims(dvec, 0)
             # the diagonal's tiles, and every tile of a block with padded keys (whose P = exp2(0 - lse) may be inf)
             if (CAUSAL and k0 + 63 > q_offset + m0) or k0 + 64 > n_k:
                 keep = gl.expand_dims(keys < n_k, 1)
                 if CAUSAL:
                     keep = keep & (gl.expand_dims(keys, 1) <= gl.expand_dims(q_offset + cols, 0))
                 pt = gl.where(keep, pt, 0.0)
-            dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=0.0)
-            dst = gl.convert_layout((pt * (dpt - gl.expand_dims(dvec, 0))).to(dtype), op_layout)
+            dst = gl.convert_layout((pt * dpt).to(dtype), op_layout)
             pt = gl.convert_layout(pt.to(dtype), op_layout)
             dv = warpgroup_mma(pt, do_s.index(stage), dv, is_async=True)
             gc = warpgroup_mma(dst, qc_s.index(stage), gc, is_async=True)
