@@ -1,5 +1,6 @@
-"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary and
-hopper_check.py's switch between this checkout's Hopper kernels, a revision's and Triton's."""
+"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary,
+hopper_check.py's switch between this checkout's Hopper kernels, a revision's and Triton's, and the tile counts
+hopper_program_cost.py fits its per-program cost with."""
 
 from __future__ import annotations
 
@@ -55,3 +56,10 @@ def test_hopper_check_routes_attention_through_a_revisions_kernels_then_restores
     with check.hopper_kernels(None):  # Triton's kernels everywhere
         assert os.environ["POPE_LM_GLUON"] == "0"
     assert "POPE_LM_GLUON" not in os.environ
+
+
+def test_program_cost_counts_the_streamed_tiles_each_causal_pass_runs() -> None:
+    tiles = _load("hopper_program_cost").tiles
+    # 8 programs of 128 rows: the forward's stream 2, 4, .., 16 key tiles of 64; dk/dv's 32, 28, .., 4 query tiles of 32
+    assert tiles(1024) == {"fwd": 72, "dq": 72, "dkdv": 144, "programs": 8}
+    assert tiles(200) == {"fwd": 2 + 4, "dq": 6, "dkdv": 7 + 3, "programs": 2}  # the last block is cut at N
