@@ -118,10 +118,13 @@ class GPT(nn.Module):
                 x, _ = checkpoint(block, x, use_reentrant=False)
             else:
                 x, _ = block(x)
-        logits = self.head(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            return self.head(x)
+        # imported here: only training needs it, and an exported Hugging Face model has no pope_lm.kernels (nor Triton)
+        from pope_lm.kernels.cross_entropy import linear_cross_entropy
+
+        # on CUDA a fused kernel that reads the logits once and turns them into their gradient in place
+        return linear_cross_entropy(self.final_norm(x), self.embedding.weight, targets)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         # The output projection shares the embedding matrix (tied weights).
