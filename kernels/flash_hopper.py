@@ -11,8 +11,8 @@ producer refills a stage once both consumers released it).
     forward   keys streamed: the producer builds kc = mu_k cos, ks = mu_k sin and stages V; each consumer holds 64
               queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
     dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq.
-    dk/dv     queries streamed: the producer builds qc, qs (phases computed directly) and stages dO; each consumer
-              holds 64 keys: S^T, dP^T, dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta.
+    dk/dv     queries streamed: the producer builds qc, qs (phases computed directly), stages dO (and lse, D); each
+              consumer holds 64 keys: S^T, dP^T, dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta.
 
 The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows.
 Triton's own warp specialization does not split these loops on Hopper (the streamed tiles are built in registers,
@@ -72,12 +72,15 @@ class Config:
     """Per pass and head dim: rows per streamed tile (keys in the forward and dq pass, queries in the dk/dv pass),
     ring stages, and the registers per thread of each consumer and of the producer (3 warpgroups of 128 threads
     share the SM's 64K; the key producer holds its tile's phases, 2 x block_n x D fp32; the query producer computes
-    them). causal_only: a configuration that spills for non-causal attention, left to flash.py's kernel there."""
+    them). causal_only: a configuration that spills for non-causal attention, left to flash.py's kernel there.
+    staged_rows (dk/dv pass): the producer stages each query tile's lse and D in the ring beside qc, qs and dO,
+    instead of each consumer loading them from global memory."""
     block_n: int
     stages: int
     consumer_regs: int
     producer_regs: int
     causal_only: bool = False
+    staged_rows: bool = False
 
 
 # By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, session 11); tests/test_flash_hopper.py
@@ -89,8 +92,10 @@ CONFIGS = {
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
+    # staged_rows: fwd+bwd -1.0% to -1.7% at D = 64, +5% to +8% at D = 32 (attention_notes.md, session 13)
     ("dkdv", 32): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True),
-    ("dkdv", 64): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True),
+    ("dkdv", 64): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True,
+                         staged_rows=True),
 }
 _MAXNREG = 168  # 3 warpgroups x 128 threads x 168 = 64,512 of the SM's 65,536 registers
 
@@ -405,11 +410,13 @@ def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
 
 
 @gluon.jit
-def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    STAGED_ROWS: gl.constexpr):
     """The query tiles a key block sees, in order: qc, qs (from the prepass's mu_q, phases t theta computed directly,
-    sm_scale log2(e) folded in: the forward's halves exactly) and dO into the ring's stages."""
-    (MuQ, DO, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
-     qc_s, qs_s, do_s, ready, empty) = qring
+    sm_scale log2(e) folded in: the forward's halves exactly), dO and, if STAGED_ROWS, the queries' lse and D into the
+    ring's stages."""
+    (MuQ, DO, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
+     qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
     dtype: gl.constexpr = DO.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
@@ -417,11 +424,15 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
     freqs = gl.expand_dims(gl.load(Freqs + d), 0)
     for t in range(n_tiles):
         rows = lo + t * BLOCK_M + tile_rows
-        ok = gl.expand_dims(rows < n_q, 1)  # past the queries: zeros (their lse is +inf, so P = 0)
+        row_ok = rows < n_q
+        ok = gl.expand_dims(row_ok, 1)  # past the queries: zeros (their lse is +inf, so P = 0)
         mu = gl.load(MuQ + gl.expand_dims(bh.to(gl.int64) * n_q + rows, 1) * HEAD_DIM + gl.expand_dims(d, 0),
                      mask=ok, other=0.0)
         do = gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(rows, 1) * stride_don
                      + gl.expand_dims(d, 0), mask=ok, other=0.0)
+        if STAGED_ROWS:  # the global loads' latency then passes here, before the wait below, as mu's and dO's does
+            lse = gl.load(Lse + bh.to(gl.int64) * n_q + rows, mask=row_ok, other=float("inf"))  # padded: P = 0
+            dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + rows, mask=row_ok, other=0.0)
         # direct phases (two SFU ops per element, beside the consumers' tensor work) rather than a phase tile kept
         # in registers: the consumers here need more registers than in the query-stationary passes
         cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1) * freqs)
@@ -431,6 +442,9 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
         qc_s.index(stage).store((mu * (cos * qk_scale)).to(dtype))
         qs_s.index(stage).store((mu * (sin * qk_scale)).to(dtype))
         do_s.index(stage).store(do)
+        if STAGED_ROWS:
+            lse_s.index(stage).store(lse)
+            dvec_s.index(stage).store(dvec)
         fence_async_shared()
         mbarrier.arrive(ready.index(stage), count=1)
 
@@ -450,12 +464,13 @@ def _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, H
 
 @gluon.jit
 def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                   STAGES: gl.constexpr, WG: gl.constexpr):
+                   STAGES: gl.constexpr, STAGED_ROWS: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 keys against the streamed query tiles: P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc
     and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc + sin gs) ln2 and d delta as flash.py's dk/dv pass."""
-    (K, V, DK, DV, DDelta, Lse, Dvec, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-     n_k, start_n, kc_own, ks_own, v_own) = krows
-    _, _, Freqs, b, h, bh, n_q, q_offset, _, _, _, _, lo, n_tiles, qc_s, qs_s, do_s, ready, empty = qring
+    (K, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, n_k, start_n,
+     kc_own, ks_own, v_own) = krows
+    (_, _, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, _, _, _, _, lo, n_tiles, qc_s, qs_s, do_s, lse_s, dvec_s, ready,
+     empty) = qring
     dtype: gl.constexpr = DV.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
@@ -492,13 +507,19 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
             st = warpgroup_mma(kc, qc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
             st = warpgroup_mma(ks, qs_s.index(stage).permute((1, 0)), st, is_async=True)
             dpt = warpgroup_mma(vk, do_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            # lse and D of the tile's queries (+inf and 0 past n_q), loaded while the products run. Staged ones are
+            # loaded before the wait, since ptxas hoists no shared-memory load above it; global ones after it, and
+            # used before the mask's branch, so that ptxas issues them beside the products rather than after the
+            # branch, on the tile's critical path
+            if STAGED_ROWS:
+                lse = lse_s.index(stage).load(gl.SliceLayout(0, s_mma))
+                dvec = dvec_s.index(stage).load(gl.SliceLayout(0, s_mma))
             st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
             cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))
-            col_ok = cols < n_q
-            # lse and D of the tile's queries, both used before the mask's branch: the compiler then issues their
-            # loads beside the products above rather than after the branch, on the tile's critical path
-            lse = gl.load(Lse + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=float("inf"))  # padded: P = 0
-            dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=0.0)
+            if not STAGED_ROWS:
+                col_ok = cols < n_q
+                lse = gl.load(Lse + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=float("inf"))  # padded: P = 0
+                dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=0.0)
             pt = gl.exp2(st - gl.expand_dims(lse, 0))
             dpt = dpt - gl.expand_dims(dvec, 0)
             # the diagonal's tiles, and every tile of a block with padded keys (whose P = exp2(0 - lse) may be inf)
@@ -535,8 +556,8 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
 def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                  n_heads, n_q, n_k, q_offset, qk_scale,
-                 CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                 CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                 STAGED_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     dtype: gl.constexpr = V.dtype.element_ty
     bh = gl.program_id(1)
     start_n = gl.program_id(0) * 128  # causal: the first key blocks are seen by the most queries, launched first
@@ -548,6 +569,9 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     qc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     qs_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     do_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    row_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # a tile's lse or D, if STAGED_ROWS
+    lse_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_layout)
+    dvec_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_layout)
     kc_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
     ks_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
     v_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
@@ -556,13 +580,13 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # released by both consumers, read or skipped
-    qring = (MuQ, DO, Freqs, bh // n_heads, bh % n_heads, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh,
-             stride_don, lo, n_tiles, qc_s, qs_s, do_s, ready, empty)
-    krows = (K, V, DK, DV, DDelta, Lse, Dvec, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-             n_k, start_n, kc_own, ks_own, v_own)
-    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, 0)),
-                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, 1)),
-                        (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES))],
+    qring = (MuQ, DO, Lse, Dvec, Freqs, bh // n_heads, bh % n_heads, bh, n_q, q_offset, qk_scale, stride_dob,
+             stride_doh, stride_don, lo, n_tiles, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty)
+    krows = (K, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, n_k,
+             start_n, kc_own, ks_own, v_own)
+    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS, 0)),
+                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS, 1)),
+                        (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -574,7 +598,8 @@ def launch_options(kernel: str, head_dim: int) -> dict:
     """A kernel's constexprs and launch options for a head dim in CONFIGS."""
     c = CONFIGS[kernel, head_dim]
     streamed = "BLOCK_M" if kernel == "dkdv" else "BLOCK_N"  # rows per streamed tile: queries, or keys
-    return {"HEAD_DIM": head_dim, streamed: c.block_n, "STAGES": c.stages,
+    staged = {"STAGED_ROWS": c.staged_rows} if kernel == "dkdv" else {}
+    return {"HEAD_DIM": head_dim, streamed: c.block_n, "STAGES": c.stages, **staged,
             "CONSUMER_REGS": c.consumer_regs, "PRODUCER_REGS": c.producer_regs, "num_warps": 4, "maxnreg": _MAXNREG}
 
 
