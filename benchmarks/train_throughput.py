@@ -103,11 +103,11 @@ def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.o
 
 
 def time_bare_loop(model: nn.Module, batches: list[torch.Tensor], warmup: int, steps: int,
-                   device: torch.device, profile_steps: int = 0) -> float:
+                   device: torch.device, profile_steps: int = 0, compile_mode: str = "default") -> float:
     """Seconds per optimizer step of a plain training loop (bf16 autocast on CUDA, clipping, fused AdamW);
     with profile_steps, then prints where that many more steps spent their GPU time (`print_kernel_profile`)."""
     optimizer = make_optimizer(model, 1e-4, device)
-    step_fn = torch.compile(model) if device.type == "cuda" else model
+    step_fn = torch.compile(model, mode=compile_mode) if device.type == "cuda" else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def one_step(i: int) -> None:
@@ -224,7 +224,7 @@ def time_lightning(cfg: RunConfig, batches: list[torch.Tensor], warmup: int, ste
     """Seconds per optimizer step of the pope-lm LightningModule under a Lightning Trainer."""
     module = LitGPT(cfg)
     if device.type == "cuda":
-        module.model = torch.compile(module.model)  # type: ignore[assignment]
+        module.model = torch.compile(module.model, mode=cfg.trainer.compile_mode)  # type: ignore[assignment]
     timer = _StepTimer(warmup)
     callbacks: list[L.Callback] = [timer]
     if device.type == "cuda" and warmup >= 4:
@@ -272,7 +272,8 @@ VARIANTS = ("pope-triton", "pope-lightning", "rope", "pope-reference", "nanogpt"
 
 
 def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps: int, device: torch.device,
-                 peak: float | None, variants: tuple[str, ...] = VARIANTS, profile_steps: int = 0) -> list[Result]:
+                 peak: float | None, variants: tuple[str, ...] = VARIANTS, profile_steps: int = 0
+                 ) -> list[Result]:
     seq_len = cfg.data.seq_len
     batches = random_batches(4, micro_batch, seq_len, cfg.model.vocab_size, device)
     # the kernel by name on the GPU (`auto` runs the reference at short contexts); the CPU smoke run has no kernel
@@ -299,7 +300,8 @@ def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps
         model = builds[variant]()
         flops = model.flops_per_token(seq_len)  # type: ignore[operator]
         results.append(measure(name, variant, cfg, micro_batch,
-                               lambda m=model: time_bare_loop(m, batches, warmup, steps, device, profile_steps),
+                               lambda m=model: time_bare_loop(m, batches, warmup, steps, device, profile_steps,
+                                                              cfg.trainer.compile_mode),
                                flops, device, peak))
         del model
     return results
@@ -332,6 +334,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing each bare-loop variant, profile this many more steps and print their GPU "
                              "time by part and by kernel")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead"),
+                        help="torch.compile's mode for every variant, the nanoGPT peer's too (reduce-overhead: each "
+                             "step's forward and backward replayed as CUDA graphs)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -340,6 +345,7 @@ def main() -> None:
     results: list[Result] = []
     for i, recipe in enumerate(args.recipes):
         cfg = load_config(f"recipes/{recipe}.yaml")
+        cfg = replace(cfg, trainer=replace(cfg.trainer, compile_mode=args.compile_mode))
         if args.micro_batch:
             cfg = replace(cfg, trainer=replace(cfg.trainer, micro_batch_size=parse_micro_batch(args.micro_batch[i])))
         cfg = resolve_micro_batch_size(cfg, "gpu" if device.type == "cuda" else "cpu", "bf16-mixed")
@@ -357,7 +363,7 @@ def main() -> None:
     env = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "compile_mode": args.compile_mode,
     }
     try:
         import triton
