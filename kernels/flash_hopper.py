@@ -92,7 +92,7 @@ CONFIGS = {
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
-    # staged_rows: fwd+bwd -1.0% to -1.7% at D = 64, +5% to +8% at D = 32 (attention_notes.md, session 13)
+    # staged_rows: fwd+bwd -1.1% to -2.1% at D = 64, +5% to +8% at D = 32 (attention_notes.md, session 13)
     ("dkdv", 32): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True),
     ("dkdv", 64): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True,
                          staged_rows=True),
