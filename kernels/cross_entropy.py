@@ -1,9 +1,10 @@
-"""The language model's loss, cross-entropy of the head's logits x W^T, with one pass over the logits.
+"""The language model's loss, cross-entropy of the head's logits x W^T, without a second logits-sized tensor.
 
 The logits (N tokens x V vocabulary: 1.6 GB in bf16 at 16 x 1024 tokens and GPT-2's padded 50,304) are the largest
 tensor of a GPT-2-size step. Compiled `F.cross_entropy(logits.float(), targets)` reads them in the forward (for the
-log-sum-exp) and again in the backward, where it writes a gradient of the same size. Here one kernel per row reads
-them once, computes the row's loss, and overwrites the logits with the loss's gradient in place,
+log-sum-exp) and again in the backward, where it writes a gradient of the same size. Here one kernel, a program per
+row, computes the row's loss and overwrites the logits with the loss's gradient in place (its second pass over the
+row finds it partly in L2),
 
     G[i, j] = softmax(logits_i)_j - [j == target_i]      (0 for a row whose target is ignore_index),
 
@@ -53,7 +54,7 @@ def _loss_kernel(Logits, Targets, Losses, stride_row, n_cols, ignore_index,
     loss = tl.where(scored, lse2 * _LN2 - picked, 0.0)
     # a target outside the vocabulary would read another row's memory: its loss is NaN, which the mean then shows
     tl.store(Losses + row, tl.where(scored & ~valid, float("nan"), loss))
-    if WRITE_GRAD:  # pass 2, on the same row (now in L2): softmax - onehot, in the logits' dtype
+    if WRITE_GRAD:  # pass 2, on the same row (partly still in L2): softmax - onehot, in the logits' dtype
         for start in range(0, n_cols, BLOCK):
             ok = start + cols < n_cols
             x = tl.load(base + start + cols, mask=ok, other=0.0).to(tl.float32) * _LOG2E
