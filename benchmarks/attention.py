@@ -308,6 +308,16 @@ def bench_graphed(fn: Callable[[], object]) -> float | None:
         return None
 
 
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory fn allocates above what was allocated before it ran."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def time_case(case: Case) -> None:
     slow = case.name.startswith("c ")
 
@@ -320,12 +330,7 @@ def time_case(case: Case) -> None:
         case.results["fwd_bwd_ms"] = bench(fwd_bwd, slow)
         if not slow:  # peer c synchronizes with the host inside its backward; its eager time is its own anyway
             case.results["fwd_bwd_graph_ms"] = bench_graphed(fwd_bwd)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        case.results["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        case.results["peak_extra_mib"] = peak_extra_bytes(fwd_bwd) / 2**20
 
 
 def kernel_profile(case: Case) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention import bench, environment
+from attention import bench, environment, peak_extra_bytes
 
 from pope_lm.kernels import cross_entropy
 from pope_lm.kernels.cross_entropy import linear_cross_entropy
@@ -38,15 +38,6 @@ def compiled_loss():
 
 def fwd_bwd(loss_fn, x, w, t):
     return lambda: torch.autograd.grad(loss_fn(x, w, t), (x, w))
-
-
-def peak_extra_gib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,7 +60,8 @@ def bench_head(name: str, tokens: int, d: int) -> str:
         del loss
         errors = " | ".join(f"{rel(a, b):.1e}" for a, b in zip(got, ref, strict=True))
         step = fwd_bwd(loss_fn, x, w, t)
-        print(f"| {name} | {variant} | {errors} | {bench(step):.3f} | {peak_extra_gib(step):.2f} |", flush=True)
+        ms = bench(step)
+        print(f"| {name} | {variant} | {errors} | {ms:.3f} | {peak_extra_bytes(step) / 2**30:.2f} |", flush=True)
     fused_fwd = bench(lambda: linear_cross_entropy(x, w, t))  # x and w need grad: the kernel writes G
     with torch.no_grad():
         matmul = bench(lambda: x @ w.t())
