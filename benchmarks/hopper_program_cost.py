@@ -32,9 +32,9 @@ HEAD_DIM = 64
 SHAPES = [(16, 12, 1024), (16, 6, 1448), (8, 6, 2048), (2, 6, 4096), (1, 6, 5792)]
 
 
-def pass_times(b: int, h: int, n: int) -> dict[str, float]:
-    """Microseconds of each Gluon pass, the pre-passes and cuDNN's forward at (b, h, n, HEAD_DIM)."""
-    hopper = flash.flash_hopper
+def pass_times(b: int, h: int, n: int, hopper=flash.flash_hopper, peers: bool = True) -> dict[str, float]:
+    """Microseconds of each Gluon pass of `hopper` (a revision of kernels/flash_hopper.py) and, with `peers`, the
+    pre-passes and cuDNN's forward at (b, h, n, HEAD_DIM)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(b, h, n, HEAD_DIM, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
     delta = -2 * math.pi * torch.rand(h, HEAD_DIM, device="cuda", generator=g)
@@ -49,13 +49,15 @@ def pass_times(b: int, h: int, n: int) -> dict[str, float]:
     mu_q = flash._magnitudes(q, out, dout, dvec)
     cases = {
         "fwd": lambda: hopper.forward(q, mu_k, v, freqs, delta, out, lse, True, qk_scale, 0),
-        "dq": lambda: hopper.dq_pass(q, mu_k, v, freqs, delta, dout, lse, dvec, dq, True, sm_scale, 0),
-        "dkdv": lambda: hopper.dkdv_pass(mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, True, qk_scale,
-                                         0),
-        "prepass_k": lambda: flash._magnitudes(k),
-        "prepass_q": lambda: flash._magnitudes(q, out, dout, dvec),
+        "dq": lambda: hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, True, sm_scale, 0),
+        "dkdv": lambda: hopper.dkdv_pass(mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, True,
+                                         qk_scale, 0),
     }
+    if peers:
+        cases |= {"prepass_k": lambda: flash._magnitudes(k), "prepass_q": lambda: flash._magnitudes(q, out, dout, dvec)}
     times = {name: 1e3 * triton.testing.do_bench_cudagraph(fn) for name, fn in cases.items()}
+    if not peers:
+        return times
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         times["cudnn_fwd"] = 1e3 * triton.testing.do_bench_cudagraph(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))

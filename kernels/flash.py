@@ -617,19 +617,23 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
     ddelta = torch.zeros((heads, head_dim), device=q.device, dtype=torch.float32)
     mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
     if split:
+        # the streamed keys' softplus for the dq pass; the Hopper passes also build their stationary rows from mu_q and
+        # mu_k (no softplus in their prologues)
+        mu_k = _magnitudes(k)
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         if _on_hopper("dq", q, causal):
-            flash_hopper.dq_pass(q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
+            flash_hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
         else:
             _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
-                    q, _magnitudes(k), v, freqs, delta, dout, lse, dvec, dq,
+                    q, mu_k, v, freqs, delta, dout, lse, dvec, dq,
                     *_row_strides(q), *_row_strides(v), *_row_strides(dout),
                     heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
         dq_acc = ddelta.new_zeros(1)  # unused
     else:
         dq_acc = torch.zeros((batch, heads, n_q, head_dim), device=q.device, dtype=torch.float32)
     if split and _on_hopper("dkdv", q, causal):
-        flash_hopper.dkdv_pass(mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, causal, qk_scale, q_offset)
+        flash_hopper.dkdv_pass(mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, causal, qk_scale,
+                               q_offset)
     else:
         _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,
                 mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,

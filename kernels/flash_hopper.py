@@ -5,8 +5,9 @@ the Triton kernels the warps that run the softmax and the tensor-core products a
 Cartesian halves (load mu, multiply by the phases, convert, store to shared memory, barrier, advance the phases):
 measured, 40% of the forward's time (benchmarks/attention_notes.md, session 10). Here each program runs three
 warpgroups (warp specialization): a producer fills a ring of shared-memory stages and signals each one ready
-(mbarrier); two consumers, 64 stationary rows each, use a stage on the tensor cores and release it (mbarrier; the
-producer refills a stage once both consumers released it).
+(mbarrier); two consumers, 64 stationary rows each, use a stage on the tensor cores and release it (a named barrier
+in the forward and dq pass, an mbarrier in the dk/dv pass; the producer refills a stage once both consumers released
+it). The backward passes build their stationary rows from the pre-passes' magnitudes (mu_q, mu_k), not by a softplus.
 
     forward   keys streamed: the producer builds kc = mu_k cos, ks = mu_k sin and stages V; each consumer holds 64
               queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
@@ -129,6 +130,50 @@ def _softplus(x):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The key ring's releases (forward and dq pass): named hardware barriers, one per stage
+#
+# A consumer releases a stage once its products have read it; the producer refills the stage once both consumers have
+# released it. With an mbarrier for this, each release costs the releasing warpgroup a bar.sync (Gluon's
+# mbarrier.arrive, triton 3.6 to 3.9, syncs the warpgroup before one thread arrives). On a named barrier each consumer
+# warp marks its arrival and goes on (bar.arrive waits for nothing), and the producer's bar.sync returns once all
+# 3 x 128 threads have arrived. Triton's own bar.syncs use barriers 0 to 3. Every phase of a barrier must complete
+# before the program exits: the producer waits for the last tiles' releases too (_drain), and a consumer releases
+# even the tiles it does not read. Measured (attention_notes.md, session 14): the forward -1% and the dq pass -3% at
+# the pretraining shape; the dk/dv pass's query ring keeps its mbarriers, since there the same change cost 5% to 12%.
+_STAGE_BARRIER = gl.constexpr(8)  # stage s releases on named barrier 8 + s
+
+
+@gluon.jit
+def _release(stage):
+    """This warp's release of a ring stage: arrive on its barrier without waiting (the ring's 384 threads count)."""
+    gl.inline_asm_elementwise("mov.u32 $0, 0;\n\tbar.arrive $1, 384;", "=r,r", [stage + _STAGE_BARRIER],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _acquire(stage):
+    """The producer's wait until both consumers have released a ring stage."""
+    gl.inline_asm_elementwise("mov.u32 $0, 0;\n\tbar.sync $1, 384;", "=r,r", [stage + _STAGE_BARRIER],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _drain(n_tiles, STAGES: gl.constexpr):
+    """The producer's wait for the releases of its last tiles (those it refilled no stage after)."""
+    for t in range(gl.maximum(n_tiles - STAGES, 0), n_tiles):
+        _acquire(t % STAGES)
+
+
+@gluon.jit
+def _release_unread(ready, first, n_tiles, STAGES: gl.constexpr):
+    """A consumer's release of tiles first .. n_tiles-1 without reading them (keys past its rows, causal), each once
+    it is ready: released earlier, it could complete the phase of the stage's previous tile for the other consumer."""
+    for t in range(first, n_tiles):
+        mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
+        _release(t % STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # What every program shares: its place, the ring of key tiles, the producer
 
 
@@ -147,21 +192,17 @@ def _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k
     ks_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
     v_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # released by both consumers
-    # A consumer whose rows end a tile earlier never takes the program's last tile: no tile after it reuses a stage
-    # (n_tiles - that consumer's tiles <= 1 < STAGES), so nothing waits for its release.
     ring = (MuK, V, Freqs, Delta, bh // n_heads, bh % n_heads, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles,
-            kc_s, ks_s, v_s, ready, empty)
+            kc_s, ks_s, v_s, ready)
     return start_m, ring
 
 
 @gluon.jit
 def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The program's key tiles in order: kc, ks and V into the ring's stages."""
-    MuK, V, Freqs, Delta, b, h, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles, kc_s, ks_s, v_s, ready, empty = ring
+    MuK, V, Freqs, Delta, b, h, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles, kc_s, ks_s, v_s, ready = ring
     dtype: gl.constexpr = V.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     key_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blocked))
@@ -181,7 +222,8 @@ def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
         mu = gl.load(mu_base + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(d, 0), mask=ok, other=0.0)
         v = gl.load(v_base + gl.expand_dims(rows, 1) * stride_vn + gl.expand_dims(d, 0), mask=ok, other=0.0)
         stage = t % STAGES
-        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)  # both consumers are done with its last tile
+        if t >= STAGES:
+            _acquire(stage)  # both consumers are done with its last tile
         mu = mu.to(gl.float32)
         kc_s.index(stage).store((mu * cos).to(dtype))
         ks_s.index(stage).store((mu * sin).to(dtype))
@@ -189,6 +231,7 @@ def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
         fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
         mbarrier.arrive(ready.index(stage), count=1)
         cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
+    _drain(n_tiles, STAGES)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,25 +239,33 @@ def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
 
 
 @gluon.jit
-def _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, freqs_ptr,
-                HEAD_DIM: gl.constexpr, layout: gl.constexpr):
-    """Raw queries r0 .. r0+63 (zeros past n_q) in `layout`, and cos, sin of their phases t theta (fp32)."""
+def _rows(X, b, h, stride_b, stride_h, stride_n, r0, n, HEAD_DIM: gl.constexpr, layout: gl.constexpr):
+    """Rows r0 .. r0+63 of head (b, h) of a (B, H, N, HEAD_DIM) tensor with unit last stride (zeros past n)."""
     rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-    q = gl.load(Q + b.to(gl.int64) * stride_qb + h * stride_qh + gl.expand_dims(rows, 1) * stride_qn
-                + gl.expand_dims(d, 0), mask=gl.expand_dims(rows < n_q, 1), other=0.0)
+    return gl.load(X + b.to(gl.int64) * stride_b + h * stride_h + gl.expand_dims(rows, 1) * stride_n
+                   + gl.expand_dims(d, 0), mask=gl.expand_dims(rows < n, 1), other=0.0)
+
+
+@gluon.jit
+def _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, freqs_ptr,
+                HEAD_DIM: gl.constexpr, layout: gl.constexpr):
+    """Queries r0 .. r0+63 of Q (zeros past n_q) in `layout`, and cos, sin of their phases t theta (fp32)."""
+    rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    q = _rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, HEAD_DIM, layout)
     cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1) * gl.expand_dims(gl.load(freqs_ptr + d), 0))
     return q, cos, sin
 
 
 @gluon.jit
-def _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs,
-                        HEAD_DIM: gl.constexpr):
+def _stage_query_halves(X, b, h, stride_xb, stride_xh, stride_xn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs,
+                        HEAD_DIM: gl.constexpr, SOFTPLUS: gl.constexpr):
     """Queries r0 .. r0+63 as their halves in shared memory (qc, qs), built as flash.py's _query_block does (mu
-    rounded first, sm_scale log2(e) folded in)."""
+    rounded first, sm_scale log2(e) folded in), from the raw queries X (SOFTPLUS) or their magnitudes X."""
     dtype: gl.constexpr = qc.dtype
-    q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, _BLOCKED)
-    mu = _softplus(q.to(gl.float32)).to(dtype).to(gl.float32)
+    x, cos, sin = _query_rows(X, b, h, stride_xb, stride_xh, stride_xn, r0, n_q, q_offset, Freqs, HEAD_DIM, _BLOCKED)
+    mu = _softplus(x.to(gl.float32)).to(dtype).to(gl.float32) if SOFTPLUS else x.to(gl.float32)
     qc.store((mu * (cos * qk_scale)).to(dtype))
     qs.store((mu * (sin * qk_scale)).to(dtype))
 
@@ -257,7 +308,7 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
                   STAGES: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 query rows against the staged key tiles: scores, online softmax, P V; writes out and lse."""
     Q, Out, Lse, stride_qb, stride_qh, stride_qn, start_m, n_q, q_offset, qk_scale, qc_s, qs_s = rows
-    _, _, Freqs, _, b, h, bh, n_k, _, _, _, _, kc_s, ks_s, v_s, ready, empty = ring
+    _, _, Freqs, _, b, h, bh, n_k, _, _, _, n_tiles, kc_s, ks_s, v_s, ready = ring
     dtype: gl.constexpr = Out.dtype.element_ty
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
     o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
@@ -266,7 +317,8 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
     r0 = start_m + 64 * WG
     qc = qc_s.index(WG)
     qs = qs_s.index(WG)
-    _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM)
+    _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
+                        True)
     fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
     _barrier()
 
@@ -292,7 +344,8 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
         # scores would reuse them); the other consumer and the producer fill the tensor cores' wait instead
         acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_s.index(stage), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(stage), count=1)
+        _release(stage)
+    _release_unread(ready, my_tiles, n_tiles, STAGES)
 
     out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_mma)), 1)
     o_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
@@ -331,9 +384,9 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
                  STAGES: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 query rows: P and dS recomputed tile by tile, gc = dS kc and gs = dS ks accumulated, then
     dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs) sm_scale (flash.py's _polar_grad); writes dq."""
-    (Q, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, start_m, n_q, q_offset,
-     qk_scale, sm_scale, qc_s, qs_s, do_s) = rows
-    _, _, Freqs, _, b, h, bh, n_k, _, _, _, _, kc_s, ks_s, v_s, ready, empty = ring
+    (Q, MuQ, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_mb, stride_mh, stride_dob, stride_doh,
+     stride_don, start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s) = rows
+    _, _, Freqs, _, b, h, bh, n_k, _, _, _, n_tiles, kc_s, ks_s, v_s, ready = ring
     dtype: gl.constexpr = DQ.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
@@ -344,7 +397,9 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     qc = qc_s.index(WG)
     qs = qs_s.index(WG)
     do = do_s.index(WG)
-    _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM)
+    # from the backward pre-pass's magnitudes (the values the forward rounded): no softplus here
+    _stage_query_halves(MuQ, b, h, stride_mb, stride_mh, HEAD_DIM, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
+                        False)
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
     q_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, blocked))
     do.store(gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(q_rows, 1) * stride_don
@@ -373,7 +428,8 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
         gc = warpgroup_mma(ds, kc_s.index(stage), gc, is_async=True)
         gs = warpgroup_mma(ds, ks_s.index(stage), gs, is_async=True)
         gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(gc, gs))  # dS's registers: as P V in the forward
-        mbarrier.arrive(empty.index(stage), count=1)
+        _release(stage)
+    _release_unread(ready, my_tiles, n_tiles, STAGES)
 
     q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, o_mma)
     x = q.to(gl.float32)
@@ -385,7 +441,7 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
 
 
 @gluon.jit
-def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
+def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -397,8 +453,9 @@ def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
     qc_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
     qs_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
     do_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
-    rows = (Q, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, start_m, n_q,
-            q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s)
+    # mu_q is contiguous
+    rows = (Q, MuQ, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
+            stride_dob, stride_doh, stride_don, start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s)
     gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
                         (_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
                         (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES))],
@@ -452,11 +509,10 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
 @gluon.jit
 def _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM: gl.constexpr,
               layout: gl.constexpr):
-    """Raw keys k0 .. k0+63 (zeros past n_k) in `layout`, and cos, sin of their phases s theta + delta (fp32)."""
+    """Keys k0 .. k0+63 of K (zeros past n_k) in `layout`, and cos, sin of their phases s theta + delta (fp32)."""
     rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-    k = gl.load(K + b.to(gl.int64) * stride_kb + h * stride_kh + gl.expand_dims(rows, 1) * stride_kn
-                + gl.expand_dims(d, 0), mask=gl.expand_dims(rows < n_k, 1), other=0.0)
+    k = _rows(K, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM, layout)
     cos, sin = _cos_sin(gl.expand_dims(rows.to(gl.float32), 1) * gl.expand_dims(gl.load(Freqs + d), 0)
                         + gl.expand_dims(gl.load(Delta + h * HEAD_DIM + d), 0))
     return k, cos, sin
@@ -467,8 +523,8 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
                    STAGES: gl.constexpr, STAGED_ROWS: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 keys against the streamed query tiles: P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc
     and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc + sin gs) ln2 and d delta as flash.py's dk/dv pass."""
-    (K, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, n_k, start_n,
-     kc_own, ks_own, v_own) = krows
+    (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_vb, stride_vh,
+     stride_vn, n_k, start_n, kc_own, ks_own, v_own) = krows
     (_, _, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, _, _, _, _, lo, n_tiles, qc_s, qs_s, do_s, lse_s, dvec_s, ready,
      empty) = qring
     dtype: gl.constexpr = DV.dtype.element_ty
@@ -477,10 +533,11 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
     op_layout: gl.constexpr = _operand_layout(HEAD_DIM)
 
-    # this warpgroup's keys and values, stationary: kc, ks (built as flash.py's _polar does) and V in shared memory
+    # this warpgroup's keys and values, stationary: kc, ks (built as flash.py's _polar does, from the backward
+    # pre-pass's magnitudes mu_k: no softplus here) and V in shared memory
     k0 = start_n + 64 * WG
-    k, cos, sin = _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM, blocked)
-    mu = _softplus(k.to(gl.float32)).to(dtype).to(gl.float32)
+    mu, cos, sin = _key_rows(MuK, Freqs, Delta, b, h, stride_mb, stride_mh, HEAD_DIM, k0, n_k, HEAD_DIM, blocked)
+    mu = mu.to(gl.float32)
     kc = kc_own.index(WG)
     ks = ks_own.index(WG)
     vk = v_own.index(WG)
@@ -545,6 +602,8 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     o_keys = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
     o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
     key_ok = gl.expand_dims(o_keys < n_k, 1)
+    # softplus(k) in fp32 here, not mu_k (rounded to the input dtype): d delta's error against float64 grew up to 1.5x
+    # with mu_k (benchmarks/attention_notes.md, session 14)
     ddelta = gl.where(key_ok, _softplus(x) * (gs * cos - gc * sin), 0.0)
     gl.atomic_add(DDelta + h * HEAD_DIM + o_d, gl.sum(ddelta, 0), sem="relaxed")
     out = gl.expand_dims(bh.to(gl.int64) * n_k + o_keys, 1) * HEAD_DIM + gl.expand_dims(o_d, 0)
@@ -553,7 +612,7 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
 
 
 @gluon.jit
-def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
+def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                  n_heads, n_q, n_k, q_offset, qk_scale,
                  CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
@@ -582,8 +641,9 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
         mbarrier.init(empty.index(i), count=2)  # released by both consumers, read or skipped
     qring = (MuQ, DO, Lse, Dvec, Freqs, bh // n_heads, bh % n_heads, bh, n_q, q_offset, qk_scale, stride_dob,
              stride_doh, stride_don, lo, n_tiles, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty)
-    krows = (K, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, n_k,
-             start_n, kc_own, ks_own, v_own)
+    # mu_k is contiguous
+    krows = (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, n_heads * n_k * HEAD_DIM,
+             n_k * HEAD_DIM, stride_vb, stride_vh, stride_vn, n_k, start_n, kc_own, ks_own, v_own)
     gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS, 0)),
                         (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS, 1)),
                         (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS))],
@@ -613,26 +673,27 @@ def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.T
         qk_scale, CAUSAL=causal, **launch_options("fwd", head_dim))
 
 
-def dq_pass(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, delta: torch.Tensor,
-            dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor, dq: torch.Tensor, causal: bool, sm_scale: float,
-            q_offset: int) -> None:
-    """flash.py's dq pass: as `forward`'s inputs, plus dout (unit last stride), lse and dvec = rowsum(dout * out)
-    (B, H, Nq) contiguous; writes dq (B, H, Nq, D) contiguous."""
+def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
+            delta: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor, dq: torch.Tensor,
+            causal: bool, sm_scale: float, q_offset: int) -> None:
+    """flash.py's dq pass: as `forward`'s inputs, plus mu_q = softplus(q) (B, H, Nq, D) contiguous from the backward's
+    prepass, dout (unit last stride), lse and dvec = rowsum(dout * out) (B, H, Nq) contiguous; writes dq (B, H, Nq, D)
+    contiguous."""
     batch, heads, n_q, head_dim = q.shape
     _dq_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
-        q, mu_k, v, freqs, delta, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *dout.stride()[:3], heads,
-        n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal,
+        q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        heads, n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal,
         **launch_options("dq", head_dim))
 
 
-def dkdv_pass(mu_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, delta: torch.Tensor,
-              dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-              ddelta: torch.Tensor, causal: bool, qk_scale: float, q_offset: int) -> None:
-    """flash.py's dk/dv pass (split dq): mu_q = softplus(q) (B, H, Nq, D) contiguous from the prepass, k, v, dout with
-    unit last stride, lse and dvec (B, H, Nq); writes dk, dv (B, H, Nk, D) contiguous and adds d delta to ddelta
-    (H, D) fp32, which must start at zero."""
+def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
+              delta: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor, dk: torch.Tensor,
+              dv: torch.Tensor, ddelta: torch.Tensor, causal: bool, qk_scale: float, q_offset: int) -> None:
+    """flash.py's dk/dv pass (split dq): mu_q = softplus(q) (B, H, Nq, D) and mu_k = softplus(k) (B, H, Nk, D)
+    contiguous from the prepasses, k, v, dout with unit last stride, lse and dvec (B, H, Nq); writes dk, dv (B, H, Nk,
+    D) contiguous and adds d delta to ddelta (H, D) fp32, which must start at zero."""
     batch, heads, n_k, head_dim = k.shape
     _dkdv_kernel[(triton.cdiv(n_k, 128), batch * heads)](
-        mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *k.stride()[:3], *v.stride()[:3],
+        mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *k.stride()[:3], *v.stride()[:3],
         *dout.stride()[:3], heads, mu_q.shape[2], n_k, q_offset, qk_scale, CAUSAL=causal,
         **launch_options("dkdv", head_dim))
