@@ -7,8 +7,9 @@ this script is its numerical test on an H100:
    kernels (POPE_LM_GLUON=0) and the Gluon ones side by side: a Gluon row must match the Triton row to the printed
    digit, since both build the same halves and differ only in summation order;
 2. forward+backward time replayed from a CUDA graph at TIMED shapes for the Triton kernels, this checkout's Gluon
-   kernels and, with --revision PATH (another revision's flash_hopper.py, e.g. `git show HEAD~1:kernels/flash_hopper.py
-   > old.py`), that revision's Gluon kernels, all in this one process.
+   kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g. `git show
+   HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first each Gluon
+   pass alone at the 124M pretraining shape (16, 12, 1024, 64) and at (1, 12, 10240, 64).
 
     python3 benchmarks/hopper_check.py --revision old.py     # on the device machine, from the repository root
 
@@ -31,6 +32,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention import THETA, kernels, rel_errors  # this checkout's kernels, installed or not
+from hopper_program_cost import pass_times
 
 flash = kernels.flash
 # (head dim, B, H, Nq, Nk, q_offset, causal, dtype, scale of q and k)
@@ -123,20 +125,35 @@ def time_fwd_bwd(shapes, variants) -> None:
         print(f"({b},{h},{n},{d}): " + "  ".join(f"{name}={ms:.3f}" for name, ms in times.items()), flush=True)
 
 
+def time_passes(shapes, variants) -> None:
+    """Each Gluon pass alone, per Gluon variant: at the pretraining shape (where issue 8's step spends them) and at a
+    long one (few programs, mostly tiles)."""
+    print("## each pass alone, CUDA-graph us (bf16, causal, D = 64)")
+    for b, h, n in shapes:
+        for name, module in variants.items():
+            if module is not None:
+                times = pass_times(b, h, n, module, peers=False)
+                print(f"({b},{h},{n}) {name}: " + "  ".join(f"{p}={us:.1f}" for p, us in times.items()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--revision", type=Path, default=None, help="another revision's kernels/flash_hopper.py")
+    parser.add_argument("--revision", type=Path, nargs="*", default=[],
+                        help="other revisions' kernels/flash_hopper.py, each timed under its file name")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="timings only")
     parser.add_argument("--no-timings", dest="timings", action="store_false", help="checks only")
+    parser.add_argument("--no-triton-timings", dest="triton_timings", action="store_false",
+                        help="time the Gluon kernels only (the Triton kernels autotune at every new shape: minutes)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.date.today(), flush=True)
     variants = {"triton": None, "gluon": flash.flash_hopper}
-    if args.revision:
-        variants["revision"] = load_revision(args.revision)
-    if args.checks:
-        check(CASES, variants)
+    for path in args.revision:
+        variants[path.stem] = load_revision(path)
+    if args.checks:  # this checkout's kernels; the revisions are timed only
+        check(CASES, {name: variants[name] for name in ("triton", "gluon")})
     if args.timings:
-        time_fwd_bwd(TIMED, variants)
+        time_passes([(16, 12, 1024), (1, 12, 10240)], variants)
+        time_fwd_bwd(TIMED, variants if args.triton_timings else {k: v for k, v in variants.items() if v is not None})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary,
-hopper_check.py's switch between this checkout's Hopper kernels, a revision's and Triton's, and the tile counts
-hopper_program_cost.py fits its per-program cost with."""
+hopper_check.py's switch between this checkout's Hopper kernels, a revision's and Triton's, the tile counts
+hopper_program_cost.py fits its per-program cost with, and ncu_source_summary.py's reading of ncu's source page."""
 
 from __future__ import annotations
 
@@ -63,3 +63,30 @@ def test_program_cost_counts_the_streamed_tiles_each_causal_pass_runs() -> None:
     # 8 programs of 128 rows: the forward's stream 2, 4, .., 16 key tiles of 64; dk/dv's 32, 28, .., 4 query tiles of 32
     assert tiles(1024) == {"fwd": 72, "dq": 72, "dkdv": 144, "programs": 8}
     assert tiles(200) == {"fwd": 2 + 4, "dq": 6, "dkdv": 7 + 3, "programs": 2}  # the last block is cut at N
+
+
+# two kernels as `ncu --page source --csv` prints them (columns cut to those the summary reads, one stall reason)
+NCU_SOURCE_CSV = """"Kernel Name","_fwd_kernel",
+"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_barrier","stall_long_sb",\
+"stall_barrier (Not Issued)"
+"0x10","LDC R1, c[0x0][0x28]","10","120","0","10","0"
+"0x20","MUFU.EX2 R3, R4","30","40","30","0","0"
+"0x30","@!P0  BRA 0x40","60","1080","0","60","0"
+"Kernel Name","_dq_kernel",
+"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_barrier","stall_long_sb",\
+"stall_barrier (Not Issued)"
+"0x10","LDC R1, c[0x0][0x28]","1","12","0","1","0"
+"""
+
+
+def test_ncu_source_summary_splits_samples_between_per_program_code_and_loops() -> None:
+    ncu = _load("ncu_source_summary")
+    fwd, dq = ncu.parse(NCU_SOURCE_CSV)
+    assert (fwd.name, dq.name, fwd.warp_launches()) == ("_fwd_kernel", "_dq_kernel", 120)
+    assert fwd.instructions[2].opcode == "BRA" and fwd.instructions[2].stalls == {"barrier": 0, "long_sb": 60}
+    text = ncu.summary(fwd, top=1).splitlines()
+    # the first two instructions run at most once per warp launch (120): 40 of 100 samples; the branch loops
+    assert text[1].startswith("  per program: 40% of samples; stalls: barrier 75%, long_sb 25%")
+    assert text[2] == "    by opcode: MUFU 75%, LDC 25%"
+    assert text[3].startswith("  loops: 60% of samples; stalls: long_sb 100%")
+    assert "60.0%" in text[5] and "BRA" in text[5]
