@@ -1,4 +1,4 @@
-"""The Hopper (Gluon) attention passes on the GPU: edge cases against float64, and fwd+bwd time against a revision.
+"""The Hopper (Gluon) attention passes on the GPU: edge cases against float64, and their time against other revisions.
 
 CI cannot run kernels/flash_hopper.py (Gluon has no CPU interpreter; tests/test_flash_hopper.py only compiles it), so
 this script is its numerical test on an H100:
@@ -72,7 +72,7 @@ def hopper_kernels(module):
 
 
 def load_revision(path: Path):
-    spec = importlib.util.spec_from_file_location("flash_hopper_revision", path)
+    spec = importlib.util.spec_from_file_location(f"flash_hopper_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # Gluon reads the kernels' source from the file
     return module
