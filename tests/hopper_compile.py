@@ -3,7 +3,8 @@
     python tests/hopper_compile.py KERNEL(fwd|dq|dkdv) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16)
 
 Prints one JSON line: shared memory bytes, local-memory (spill) instructions, wgmma and mbarrier instruction
-counts. Run without TRITON_INTERPRET: Triton's interpreter replaces the jit functions Gluon's reductions call.
+counts, and the named barriers the compiler itself uses (those with a constant id; the key ring's own take theirs
+from a register). Run without TRITON_INTERPRET: Triton's interpreter replaces the jit functions Gluon's reductions call.
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ def main() -> None:
     compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype)
     instructions = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass_of(compiled.asm["cubin"]).splitlines()
                     if line.strip().startswith("/*") and "*/" in line]
-    opcodes = [ins.split()[0] if not ins.startswith("@") else ins.split()[1] for ins in instructions if ins]
+    words = [ins.split()[1:] if ins.startswith("@") else ins.split() for ins in instructions if ins]
+    opcodes = [w[0] for w in words]
+    constant_barriers = {int(w[1].rstrip(","), 16) for w in words
+                         if w[0].startswith(("BAR.SYNC", "BAR.ARV", "BAR.RED")) and w[1].startswith("0x")}
     print(json.dumps(dict(shared=compiled.metadata.shared,
                           local_memory=sum(op.startswith(("LDL", "STL")) for op in opcodes),
                           wgmma=sum(op.startswith("HGMMA") for op in opcodes),
-                          mbarrier=sum(op.startswith("SYNCS") for op in opcodes))))
+                          mbarrier=sum(op.startswith("SYNCS") for op in opcodes),
+                          compiler_barriers=sorted(constant_barriers))))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Gluon kernels do not run in Triton's interpreter, so CI cannot execute them (benchmarks/attention.py checks their
 numbers on an H100). What CI can check is that every kernel and configuration flash.py would launch compiles,
 through this Triton's Gluon front end and ptxas, and fits its register budget: a spill to local memory would put
-the producer's phase tile or a consumer's accumulators behind memory loads and silently cost much of the speed.
+the producer's phase tile or a consumer's accumulators behind memory loads and silently cost much of the speed;
+and that the named barriers the key ring releases on are ones the compiler does not use itself.
 """
 
 from __future__ import annotations
@@ -44,3 +45,14 @@ def test_hopper_kernels_compile_for_sm90_without_spills(kernel, head_dim, causal
     assert report["wgmma"] > 0 and report["mbarrier"] > 0, report  # the warp-specialized kernel it should be
     assert report["local_memory"] == 0, f"{kernel} D={head_dim}: registers spill to local memory: {report}"
     assert report["shared"] <= SMEM_PER_BLOCK, report
+
+
+@pytest.mark.skipif(flash_hopper is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("kernel, head_dim", [("fwd", 64), ("dq", 32)])
+def test_key_ring_named_barriers_are_ones_the_compiler_leaves_free(kernel, head_dim):
+    # the forward's and dq pass's consumers release the key ring on named barriers _STAGE_BARRIER + stage; a Triton
+    # that used those ids for its own bar.syncs would make the two meet at one barrier and hang or race
+    report = compiled_for_sm90(kernel, head_dim, True, "bf16")
+    first = flash_hopper._STAGE_BARRIER.value
+    assert report["compiler_barriers"] and max(report["compiler_barriers"]) < first, report
+    assert first + flash_hopper.CONFIGS[kernel, head_dim].stages <= 16  # a CTA has 16 named barriers
