@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device-tool call for a change to the Hopper kernels (kernels/flash_hopper.py), as session 14 ran it in three:
+#   1. hopper_check.py: this checkout's kernels against float64 beside the Triton kernels, then each pass alone and
+#      fwd+bwd timed against the given revisions, in one process;
+#   2. compute-sanitizer synccheck over one small forward+backward (barrier misuse: a named barrier's count, a
+#      bar.sync that not every thread of a warp reaches);
+#   3. ncu's sampled stalls per instruction at the pretraining shape, summed by ncu_source_summary.py.
+# Logs come back in $OUT. Each revision is another flash_hopper.py (e.g. `git show HEAD:kernels/flash_hopper.py >
+# ab/head.py`) in an ignored folder that the call carries; one whose passes take other arguments needs a small adapter
+# module that exposes this checkout's signatures (session 14: old_adapter.py).
+#
+#   run(kind="nvidia-h100-x1", carry=["ab"], command="bash benchmarks/hopper_session.sh ab/head.py")
+#
+# ~6 minutes with one revision on an H100 or H200 (the checks ~3, each revision ~1, ncu ~1). NO_NCU=1 skips step 3.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+
+revisions=()
+[ $# -gt 0 ] && revisions=(--revision "$@")
+python3 benchmarks/hopper_check.py --no-triton-timings "${revisions[@]}" 2>&1 | grep -v -i "warn\|run_backward" |
+    tee "$OUT/hopper_check.log"
+
+echo "== synccheck"
+compute-sanitizer --tool synccheck python3 benchmarks/attention_profile.py --shape 1 2 1000 64 2>&1 |
+    grep -v "^==PROF==" | tail -4 | tee "$OUT/synccheck.log"
+
+if [ "${NO_NCU:-0}" != 1 ]; then
+    echo "== ncu"
+    ncu --clock-control none --nvtx --nvtx-include "profiled/" \
+        --kernel-name regex:"_fwd_kernel|_dq_kernel|_dkdv_kernel" --section SourceCounters -o /tmp/src \
+        python3 benchmarks/attention_profile.py --shape 16 12 1024 64 2>&1 | grep -v "^==PROF==" | tail -2
+    ncu -i /tmp/src.ncu-rep --page source --csv --print-source sass >/tmp/src.csv &&
+        python3 benchmarks/ncu_source_summary.py /tmp/src.csv | tee "$OUT/ncu-source.txt"
+fi
