@@ -11,7 +11,8 @@
 #
 #   run(kind="nvidia-h100-x1", carry=["ab"], command="bash benchmarks/hopper_session.sh ab/head.py")
 #
-# ~6 minutes with one revision on an H100 or H200 (the checks ~3, each revision ~1, ncu ~1). NO_NCU=1 skips step 3.
+# About 7-8 minutes with one revision, estimated from session 14's calls (hopper_check ~5, synccheck and ncu ~1 each);
+# NO_NCU=1 skips step 3.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
