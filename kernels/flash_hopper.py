@@ -400,10 +400,7 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     # from the backward pre-pass's magnitudes (the values the forward rounded): no softplus here
     _stage_query_halves(MuQ, b, h, stride_mb, stride_mh, HEAD_DIM, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
                         False)
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
-    q_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, blocked))
-    do.store(gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(q_rows, 1) * stride_don
-                     + gl.expand_dims(d, 0), mask=gl.expand_dims(q_rows < n_q, 1), other=0.0))
+    do.store(_rows(DO, b, h, stride_dob, stride_doh, stride_don, r0, n_q, HEAD_DIM, blocked))
     fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
     _barrier()
     s_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
@@ -543,10 +540,7 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     vk = v_own.index(WG)
     kc.store((mu * cos).to(dtype))
     ks.store((mu * sin).to(dtype))
-    key_rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, blocked))
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
-    vk.store(gl.load(V + b.to(gl.int64) * stride_vb + h * stride_vh + gl.expand_dims(key_rows, 1) * stride_vn
-                     + gl.expand_dims(d, 0), mask=gl.expand_dims(key_rows < n_k, 1), other=0.0))
+    vk.store(_rows(V, b, h, stride_vb, stride_vh, stride_vn, k0, n_k, HEAD_DIM, blocked))
     fence_async_shared()
     _barrier()
 
