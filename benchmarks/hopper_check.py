@@ -5,7 +5,8 @@ this script is its numerical test on an H100:
 1. for each case of CASES (odd lengths, Nq < Nk with q_offset, one query, non-causal, fp16, the sharp q, k x 16 case,
    D = 32 and 64) the relative errors of out, dq, dk, dv and d delta against the float64 reference, for the Triton
    kernels (POPE_LM_GLUON=0) and the Gluon ones side by side: a Gluon row must match the Triton row to the printed
-   digit, since both build the same halves and differ only in summation order;
+   digit, since both build the same halves and differ only in summation order; then PACKED_CASES, whose q, k and
+   v are views of one projection, as the model passes them;
 2. forward+backward time replayed from a CUDA graph at TIMED shapes for the Triton kernels, this checkout's Gluon
    kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g. `git show
    HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first each Gluon
@@ -51,6 +52,8 @@ CASES = [
         (2, 2, 10, 1000, 0, True, torch.bfloat16, 1.0),  # key blocks past every query: zero gradients
     ]
 ]
+# q, k and v as the model passes them: views of one (B, N, 3, H, D) projection (rows 3 H D apart)
+PACKED_CASES = [(d, 2, 3, 1000, 1000, 0, True, torch.bfloat16, 1.0) for d in (64, 32)]
 TIMED = [(8, 12, 1024, 64), (16, 12, 1024, 64), (2, 12, 4096, 64), (1, 12, 10240, 64), (1, 16, 16384, 64),
          (4, 16, 2048, 32), (1, 16, 8192, 32)]
 
@@ -78,11 +81,15 @@ def load_revision(path: Path):
     return module
 
 
-def inputs(d, b, h, n_q, n_k, dtype, scale, seed=0):
+def inputs(d, b, h, n_q, n_k, dtype, scale, seed=0, packed=False):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q = (scale * torch.randn(b, h, n_q, d, device="cuda", generator=g)).to(dtype)
-    k = (scale * torch.randn(b, h, n_k, d, device="cuda", generator=g)).to(dtype)
-    v = torch.randn(b, h, n_k, d, device="cuda", generator=g).to(dtype)
+    if packed:  # n_q == n_k
+        q, k, v = torch.randn(b, n_q, 3, h, d, device="cuda", generator=g).to(dtype).permute(2, 0, 3, 1, 4)
+        q, k = scale * q, scale * k
+    else:
+        q = (scale * torch.randn(b, h, n_q, d, device="cuda", generator=g)).to(dtype)
+        k = (scale * torch.randn(b, h, n_k, d, device="cuda", generator=g)).to(dtype)
+        v = torch.randn(b, h, n_k, d, device="cuda", generator=g).to(dtype)
     dout = torch.randn(b, h, n_q, d, device="cuda", generator=g).to(dtype)
     delta = -2 * math.pi * torch.rand(h, d, device="cuda", generator=g)
     return q, k, v, delta, dout
@@ -94,10 +101,10 @@ def grads(attention, q, k, v, delta, dout, causal, q_offset):
     return (out, *torch.autograd.grad(out, leaves, dout))
 
 
-def check(cases, variants) -> None:
-    print("## relative error (norm) of out dq dk dv ddelta against float64")
+def check(cases, variants, packed=False) -> None:
+    print(f"## relative error (norm) of out dq dk dv ddelta against float64{', q k v packed' if packed else ''}")
     for d, b, h, n_q, n_k, q_offset, causal, dtype, scale in cases:
-        q, k, v, delta, dout = inputs(d, b, h, n_q, n_k, dtype, scale)
+        q, k, v, delta, dout = inputs(d, b, h, n_q, n_k, dtype, scale, packed=packed)
         ref = grads(kernels.pope_attention_reference, *(x.double() for x in (q, k, v, delta, dout)), causal, q_offset)
         line = f"D={d} ({b},{h},{n_q},{n_k}) off={q_offset} causal={causal} {str(dtype)[6:]} x{scale}:"
         for name, module in variants.items():
@@ -150,7 +157,9 @@ def main() -> None:
     for path in args.revision:
         variants[path.stem] = load_revision(path)
     if args.checks:  # this checkout's kernels; the revisions are timed only
-        check(CASES, {name: variants[name] for name in ("triton", "gluon")})
+        checked = {name: variants[name] for name in ("triton", "gluon")}
+        check(CASES, checked)
+        check(PACKED_CASES, checked, packed=True)
     if args.timings:
         time_passes([(16, 12, 1024), (1, 12, 10240)], variants)
         time_fwd_bwd(TIMED, variants if args.triton_timings else {k: v for k, v in variants.items() if v is not None})
