@@ -75,13 +75,15 @@ class Config:
     share the SM's 64K; the key producer holds its tile's phases, 2 x block_n x D fp32; the query producer computes
     them). causal_only: a configuration that spills for non-causal attention, left to flash.py's kernel there.
     staged_rows (dk/dv pass): the producer stages each query tile's lse and D in the ring beside qc, qs and dO,
-    instead of each consumer loading them from global memory."""
+    instead of each consumer loading them from global memory. masked_apart (dk/dv pass): the tiles that need the
+    causal mask run in a loop of their own, the others without it."""
     block_n: int
     stages: int
     consumer_regs: int
     producer_regs: int
     causal_only: bool = False
     staged_rows: bool = False
+    masked_apart: bool = False
 
 
 # By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, session 11); tests/test_flash_hopper.py
@@ -93,10 +95,11 @@ CONFIGS = {
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
-    # staged_rows: fwd+bwd -1.1% to -2.1% at D = 64, +5% to +8% at D = 32 (attention_notes.md, session 13)
+    # staged_rows: fwd+bwd -1.1% to -2.1% at D = 64, +5% to +8% at D = 32 (attention_notes.md, session 13);
+    # masked_apart: the pass -2% to -4% at D = 64, fwd+bwd +4% at D = 32 (session 15)
     ("dkdv", 32): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True),
     ("dkdv", 64): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True,
-                         staged_rows=True),
+                         staged_rows=True, masked_apart=True),
 }
 _MAXNREG = 168  # 3 warpgroups x 128 threads x 168 = 64,512 of the SM's 65,536 registers
 
@@ -516,19 +519,60 @@ def _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, H
 
 
 @gluon.jit
+def _dkdv_tile(t, dv, gc, gs, kc, ks, vk, s_init, keys, n_k, qring, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, STAGED_ROWS: gl.constexpr):
+    """A dk/dv consumer's query tile t: S^T, dP^T = V dO^T, P^T (masked if MASKED), dV += P^T dO, dS^T = P^T (dP^T -
+    D), gc += dS^T qc and gs += dS^T qs; then the stage released."""
+    (_, _, Lse, Dvec, _, _, _, bh, n_q, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready,
+     empty) = qring
+    s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
+    op_layout: gl.constexpr = _operand_layout(HEAD_DIM)
+    stage = t % STAGES
+    mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+    st = warpgroup_mma(kc, qc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    st = warpgroup_mma(ks, qs_s.index(stage).permute((1, 0)), st, is_async=True)
+    dpt = warpgroup_mma(vk, do_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    # lse and D of the tile's queries (+inf and 0 past n_q), loaded while the products run. Staged ones are loaded
+    # before the wait, since ptxas hoists no shared-memory load above it; global ones after it, and used at once
+    # (before the mask), so that ptxas issues them beside the products rather than on the tile's critical path
+    if STAGED_ROWS:
+        lse = lse_s.index(stage).load(gl.SliceLayout(0, s_mma))
+        dvec = dvec_s.index(stage).load(gl.SliceLayout(0, s_mma))
+    st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
+    cols = lo + t * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))
+    if not STAGED_ROWS:
+        col_ok = cols < n_q
+        lse = gl.load(Lse + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=float("inf"))  # padded: P = 0
+        dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=0.0)
+    pt = gl.exp2(st - gl.expand_dims(lse, 0))
+    dpt = dpt - gl.expand_dims(dvec, 0)
+    if MASKED:
+        keep = gl.expand_dims(keys < n_k, 1)
+        if CAUSAL:
+            keep = keep & (gl.expand_dims(keys, 1) <= gl.expand_dims(q_offset + cols, 0))
+        pt = gl.where(keep, pt, 0.0)
+    dst = gl.convert_layout((pt * dpt).to(vk.dtype), op_layout)
+    pt = gl.convert_layout(pt.to(vk.dtype), op_layout)
+    dv = warpgroup_mma(pt, do_s.index(stage), dv, is_async=True)
+    gc = warpgroup_mma(dst, qc_s.index(stage), gc, is_async=True)
+    gs = warpgroup_mma(dst, qs_s.index(stage), gs, is_async=True)
+    dv, gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(dv, gc, gs))
+    mbarrier.arrive(empty.index(stage), count=1)
+    return dv, gc, gs
+
+
+@gluon.jit
 def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                   STAGES: gl.constexpr, STAGED_ROWS: gl.constexpr, WG: gl.constexpr):
+                   STAGES: gl.constexpr, STAGED_ROWS: gl.constexpr, MASKED_APART: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 keys against the streamed query tiles: P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc
     and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc + sin gs) ln2 and d delta as flash.py's dk/dv pass."""
     (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_vb, stride_vh,
      stride_vn, n_k, start_n, kc_own, ks_own, v_own) = krows
-    (_, _, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, _, _, _, _, lo, n_tiles, qc_s, qs_s, do_s, lse_s, dvec_s, ready,
-     empty) = qring
+    _, _, _, _, Freqs, b, h, bh, _, q_offset, _, _, _, _, lo, n_tiles, _, _, _, _, _, ready, empty = qring
     dtype: gl.constexpr = DV.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
     o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
-    op_layout: gl.constexpr = _operand_layout(HEAD_DIM)
 
     # this warpgroup's keys and values, stationary: kc, ks (built as flash.py's _polar does, from the backward
     # pre-pass's magnitudes mu_k: no softplus here) and V in shared memory
@@ -545,47 +589,31 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     _barrier()
 
     keys = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
-    first = (gl.maximum(k0 - q_offset, 0) // BLOCK_M * BLOCK_M - lo) // BLOCK_M if CAUSAL else 0
     dv = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
     gc = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
     gs = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
     s_init = gl.zeros([64, BLOCK_M], gl.float32, s_mma)
-    for t in range(n_tiles):
-        stage = t % STAGES
-        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-        if t >= first:  # tiles before it are all before these keys (causal): released unread
-            m0 = lo + t * BLOCK_M
-            st = warpgroup_mma(kc, qc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            st = warpgroup_mma(ks, qs_s.index(stage).permute((1, 0)), st, is_async=True)
-            dpt = warpgroup_mma(vk, do_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            # lse and D of the tile's queries (+inf and 0 past n_q), loaded while the products run. Staged ones are
-            # loaded before the wait, since ptxas hoists no shared-memory load above it; global ones after it, and
-            # used before the mask's branch, so that ptxas issues them beside the products rather than after the
-            # branch, on the tile's critical path
-            if STAGED_ROWS:
-                lse = lse_s.index(stage).load(gl.SliceLayout(0, s_mma))
-                dvec = dvec_s.index(stage).load(gl.SliceLayout(0, s_mma))
-            st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
-            cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))
-            if not STAGED_ROWS:
-                col_ok = cols < n_q
-                lse = gl.load(Lse + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=float("inf"))  # padded: P = 0
-                dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=0.0)
-            pt = gl.exp2(st - gl.expand_dims(lse, 0))
-            dpt = dpt - gl.expand_dims(dvec, 0)
-            # the diagonal's tiles, and every tile of a block with padded keys (whose P = exp2(0 - lse) may be inf)
-            if (CAUSAL and k0 + 63 > q_offset + m0) or k0 + 64 > n_k:
-                keep = gl.expand_dims(keys < n_k, 1)
-                if CAUSAL:
-                    keep = keep & (gl.expand_dims(keys, 1) <= gl.expand_dims(q_offset + cols, 0))
-                pt = gl.where(keep, pt, 0.0)
-            dst = gl.convert_layout((pt * dpt).to(dtype), op_layout)
-            pt = gl.convert_layout(pt.to(dtype), op_layout)
-            dv = warpgroup_mma(pt, do_s.index(stage), dv, is_async=True)
-            gc = warpgroup_mma(dst, qc_s.index(stage), gc, is_async=True)
-            gs = warpgroup_mma(dst, qs_s.index(stage), gs, is_async=True)
-            dv, gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(dv, gc, gs))
-        mbarrier.arrive(empty.index(stage), count=1)
+    # The tiles before `first` are all before these keys (causal): released unread. Those from `first` to `unmasked`
+    # hold the diagonal and need the mask, as every tile does if the block has padded keys (there P = exp2(0 - lse)
+    # may be inf). If MASKED_APART the rest run without it, in a loop of their own; otherwise every tile is masked
+    # (with the mask behind a branch, ptxas made it selects that every tile executed anyway: 50 of the loop's 241
+    # instructions per tile at D = 64).
+    first = (gl.maximum(k0 - q_offset, 0) // BLOCK_M * BLOCK_M - lo) // BLOCK_M if CAUSAL else 0
+    if k0 + 64 > n_k or not MASKED_APART:
+        unmasked = n_tiles
+    elif CAUSAL:
+        unmasked = gl.minimum(gl.maximum(gl.cdiv(gl.maximum(k0 + 63 - q_offset - lo, 0), BLOCK_M), first), n_tiles)
+    else:
+        unmasked = first
+    for t in range(gl.minimum(first, n_tiles)):  # first > n_tiles: keys past every query (padding)
+        mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
+        mbarrier.arrive(empty.index(t % STAGES), count=1)
+    for t in range(first, unmasked):
+        dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, s_init, keys, n_k, qring, True, CAUSAL, HEAD_DIM, BLOCK_M,
+                                STAGES, STAGED_ROWS)
+    for t in range(unmasked, n_tiles):
+        dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, s_init, keys, n_k, qring, False, CAUSAL, HEAD_DIM, BLOCK_M,
+                                STAGES, STAGED_ROWS)
 
     # gc, gs carry the queries' sm_scale log2(e); ln2 leaves sm_scale (flash.py's _polar_grad)
     k, cos, sin = _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM, o_mma)
@@ -610,7 +638,8 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                  n_heads, n_q, n_k, q_offset, qk_scale,
                  CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 STAGED_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                 STAGED_ROWS: gl.constexpr, MASKED_APART: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                 PRODUCER_REGS: gl.constexpr):
     dtype: gl.constexpr = V.dtype.element_ty
     bh = gl.program_id(1)
     start_n = gl.program_id(0) * 128  # causal: the first key blocks are seen by the most queries, launched first
@@ -638,8 +667,10 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     # mu_k is contiguous
     krows = (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, n_heads * n_k * HEAD_DIM,
              n_k * HEAD_DIM, stride_vb, stride_vh, stride_vn, n_k, start_n, kc_own, ks_own, v_own)
-    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS, 0)),
-                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS, 1)),
+    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS,
+                                          MASKED_APART, 0)),
+                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS,
+                                          MASKED_APART, 1)),
                         (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -652,7 +683,7 @@ def launch_options(kernel: str, head_dim: int) -> dict:
     """A kernel's constexprs and launch options for a head dim in CONFIGS."""
     c = CONFIGS[kernel, head_dim]
     streamed = "BLOCK_M" if kernel == "dkdv" else "BLOCK_N"  # rows per streamed tile: queries, or keys
-    staged = {"STAGED_ROWS": c.staged_rows} if kernel == "dkdv" else {}
+    staged = {"STAGED_ROWS": c.staged_rows, "MASKED_APART": c.masked_apart} if kernel == "dkdv" else {}
     return {"HEAD_DIM": head_dim, streamed: c.block_n, "STAGES": c.stages, **staged,
             "CONSUMER_REGS": c.consumer_regs, "PRODUCER_REGS": c.producer_regs, "num_warps": 4, "maxnreg": _MAXNREG}
 
