@@ -10,7 +10,7 @@ this script is its numerical test on an H100:
 2. forward+backward time replayed from a CUDA graph at TIMED shapes for the Triton kernels, this checkout's Gluon
    kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g. `git show
    HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first each Gluon
-   pass alone at the 124M pretraining shape (16, 12, 1024, 64) and at (1, 12, 10240, 64).
+   pass alone at the 124M pretraining shape (16, 12, 1024, 64) and at (1, 12, 10240, 64), or at --pass-shapes.
 
     python3 benchmarks/hopper_check.py --revision old.py     # on the device machine, from the repository root
 
@@ -52,6 +52,10 @@ CASES = [
         (2, 2, 10, 1000, 0, True, torch.bfloat16, 1.0),  # key blocks past every query: zero gradients
     ]
 ]
+# flash_hopper.LONG_CONFIGS' range (LONG_KEYS = 2048 keys and more; also (1, 2, 2048, 2048) above): odd lengths,
+# Nq < Nk, non-causal fp16
+CASES += [(64, 1, 2, 4100, 4100, 0, True, torch.bfloat16, 1.0), (64, 1, 2, 300, 5000, 4700, True, torch.bfloat16, 1.0),
+          (64, 1, 2, 500, 4500, 0, False, torch.float16, 1.0)]
 # q, k and v as the model passes them: views of one (B, N, 3, H, D) projection (rows 3 H D apart)
 PACKED_CASES = [(d, 2, 3, 1000, 1000, 0, True, torch.bfloat16, 1.0) for d in (64, 32)]
 TIMED = [(8, 12, 1024, 64), (16, 12, 1024, 64), (2, 12, 4096, 64), (1, 12, 10240, 64), (1, 16, 16384, 64),
@@ -151,6 +155,8 @@ def main() -> None:
     parser.add_argument("--no-timings", dest="timings", action="store_false", help="checks only")
     parser.add_argument("--no-triton-timings", dest="triton_timings", action="store_false",
                         help="time the Gluon kernels only (the Triton kernels autotune at every new shape: minutes)")
+    parser.add_argument("--pass-shapes", nargs="*", default=["16,12,1024", "1,12,10240"], metavar="B,H,N",
+                        help="shapes (D = 64) at which each pass is timed alone")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.date.today(), flush=True)
     variants = {"triton": None, "gluon": flash.flash_hopper}
@@ -161,7 +167,7 @@ def main() -> None:
         check(CASES, checked)
         check(PACKED_CASES, checked, packed=True)
     if args.timings:
-        time_passes([(16, 12, 1024), (1, 12, 10240)], variants)
+        time_passes([tuple(int(x) for x in shape.split(",")) for shape in args.pass_shapes], variants)
         time_fwd_bwd(TIMED, variants if args.triton_timings else {k: v for k, v in variants.items() if v is not None})
 
 

@@ -72,11 +72,12 @@ def _operand_layout(n):
 class Config:
     """Per pass and head dim: rows per streamed tile (keys in the forward and dq pass, queries in the dk/dv pass),
     ring stages, and the registers per thread of each consumer and of the producer (3 warpgroups of 128 threads
-    share the SM's 64K; the key producer holds its tile's phases, 2 x block_n x D fp32; the query producer computes
-    them). causal_only: a configuration that spills for non-causal attention, left to flash.py's kernel there.
-    staged_rows (dk/dv pass): the producer stages each query tile's lse and D in the ring beside qc, qs and dO,
-    instead of each consumer loading them from global memory. masked_apart (dk/dv pass): the tiles that need the
-    causal mask run in a loop of their own, the others without it."""
+    share the SM's 64K; the key producer holds the phases of the rows it builds at once, 2 x build_rows x D fp32,
+    build_rows = block_n unless set; the query producer computes them). causal_only: a configuration that spills for
+    non-causal attention, left to flash.py's kernel there. staged_rows (dk/dv pass): the producer stages each query
+    tile's lse and D in the ring beside qc, qs and dO, instead of each consumer loading them from global memory.
+    masked_apart (dk/dv pass): the tiles that need the causal mask run in a loop of their own, the others without
+    it."""
     block_n: int
     stages: int
     consumer_regs: int
@@ -84,6 +85,7 @@ class Config:
     causal_only: bool = False
     staged_rows: bool = False
     masked_apart: bool = False
+    build_rows: int = 0
 
 
 # By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, session 11); tests/test_flash_hopper.py
@@ -101,13 +103,21 @@ CONFIGS = {
     ("dkdv", 64): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True,
                          staged_rows=True, masked_apart=True),
 }
+# From LONG_KEYS keys on, by pass and head dim: 128-key tiles in the forward (one wait, softmax step and release per
+# 128 keys), the producer building them 32 rows at a time (its phase registers), so that each consumer gets 184.
+# Forward -4% at (8, 12, 2048), -10% at (1, 12, 10240); +5% at the pretraining shape (16, 12, 1024), where more of
+# the last tile is masked and each program streams fewer tiles, hence the threshold (attention_notes.md, session 16).
+LONG_KEYS = 2048
+LONG_CONFIGS = {
+    ("fwd", 64): Config(block_n=128, stages=2, consumer_regs=184, producer_regs=136, build_rows=32),
+}
 _MAXNREG = 168  # 3 warpgroups x 128 threads x 168 = 64,512 of the SM's 65,536 registers
 
 
 def handles(kernel: str, q: torch.Tensor, causal: bool) -> bool:
     """Whether `kernel` ("fwd", "dq", "dkdv") runs here for q: fp16/bf16 on an sm_90 GPU with a configuration in
     CONFIGS for its head dim (and for non-causal attention, if it is causal only), unless POPE_LM_GLUON=0."""
-    config = CONFIGS.get((kernel, q.shape[-1]))
+    config = CONFIGS.get((kernel, q.shape[-1]))  # LONG_CONFIGS' entries run wherever these do
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and config is not None
             and (causal or not config.causal_only) and torch.cuda.get_device_capability(q.device) == (9, 0)
             and os.environ.get("POPE_LM_GLUON", "1") != "0")
@@ -203,37 +213,38 @@ def _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k
 
 
 @gluon.jit
-def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The program's key tiles in order: kc, ks and V into the ring's stages."""
+def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr):
+    """The program's key tiles in order: kc, ks and V into the ring's stages, BUILD_ROWS rows at a time."""
     MuK, V, Freqs, Delta, b, h, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles, kc_s, ks_s, v_s, ready = ring
     dtype: gl.constexpr = V.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
-    key_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blocked))
+    key_rows = gl.arange(0, BUILD_ROWS, layout=gl.SliceLayout(1, blocked))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
     freqs = gl.load(Freqs + d)
-    # key phases s theta + delta of the first tile, advanced a tile at a time by angle addition (as in flash.py)
+    # key phases s theta + delta of the first rows, advanced BUILD_ROWS rows at a time by angle addition (as flash.py)
     cos, sin = _cos_sin(gl.expand_dims(key_rows.to(gl.float32), 1) * gl.expand_dims(freqs, 0)
                         + gl.expand_dims(gl.load(Delta + h * HEAD_DIM + d), 0))
-    step_cos, step_sin = _cos_sin(BLOCK_N * freqs)
+    step_cos, step_sin = _cos_sin(BUILD_ROWS * freqs)
     step_cos = gl.expand_dims(step_cos, 0)
     step_sin = gl.expand_dims(step_sin, 0)
     mu_base = MuK + bh.to(gl.int64) * n_k * HEAD_DIM
     v_base = V + b.to(gl.int64) * stride_vb + h * stride_vh
     for t in range(n_tiles):
-        rows = t * BLOCK_N + key_rows
-        ok = gl.expand_dims(rows < n_k, 1)  # past the keys: zeros (their scores are masked)
-        mu = gl.load(mu_base + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(d, 0), mask=ok, other=0.0)
-        v = gl.load(v_base + gl.expand_dims(rows, 1) * stride_vn + gl.expand_dims(d, 0), mask=ok, other=0.0)
         stage = t % STAGES
-        if t >= STAGES:
-            _acquire(stage)  # both consumers are done with its last tile
-        mu = mu.to(gl.float32)
-        kc_s.index(stage).store((mu * cos).to(dtype))
-        ks_s.index(stage).store((mu * sin).to(dtype))
-        v_s.index(stage).store(v)
+        for c in gl.static_range(BLOCK_N // BUILD_ROWS):
+            rows = t * BLOCK_N + c * BUILD_ROWS + key_rows
+            ok = gl.expand_dims(rows < n_k, 1)  # past the keys: zeros (their scores are masked)
+            mu = gl.load(mu_base + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(d, 0), mask=ok, other=0.0)
+            v = gl.load(v_base + gl.expand_dims(rows, 1) * stride_vn + gl.expand_dims(d, 0), mask=ok, other=0.0)
+            if c == 0 and t >= STAGES:  # (the first rows' loads are in flight while it waits)
+                _acquire(stage)  # both consumers are done with its last tile
+            mu = mu.to(gl.float32)
+            kc_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * cos).to(dtype))
+            ks_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * sin).to(dtype))
+            v_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store(v)
+            cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
         fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
         mbarrier.arrive(ready.index(stage), count=1)
-        cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
     _drain(n_tiles, STAGES)
 
 
@@ -364,7 +375,8 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
                 n_heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                PRODUCER_REGS: gl.constexpr):
     start_m, ring = _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k, q_offset,
                              CAUSAL, HEAD_DIM, BLOCK_N, STAGES)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], Q.dtype.element_ty)
@@ -374,7 +386,7 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
     # Gluon hands constexprs to a partition only as direct elements of its argument tuple
     gl.warp_specialize([(_fwd_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
                         (_fwd_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
-                        (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES))],
+                        (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -445,7 +457,8 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-               STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+               STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+               PRODUCER_REGS: gl.constexpr):
     start_m, ring = _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k, q_offset,
                              CAUSAL, HEAD_DIM, BLOCK_N, STAGES)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -458,7 +471,7 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
             stride_dob, stride_doh, stride_don, start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s)
     gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
                         (_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
-                        (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES))],
+                        (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -679,12 +692,20 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
 # Launchers
 
 
-def launch_options(kernel: str, head_dim: int) -> dict:
-    """A kernel's constexprs and launch options for a head dim in CONFIGS."""
-    c = CONFIGS[kernel, head_dim]
-    streamed = "BLOCK_M" if kernel == "dkdv" else "BLOCK_N"  # rows per streamed tile: queries, or keys
-    staged = {"STAGED_ROWS": c.staged_rows, "MASKED_APART": c.masked_apart} if kernel == "dkdv" else {}
-    return {"HEAD_DIM": head_dim, streamed: c.block_n, "STAGES": c.stages, **staged,
+def config(kernel: str, head_dim: int, n_k: int) -> Config:
+    """The configuration of `kernel` at a head dim in CONFIGS for n_k keys."""
+    long = LONG_CONFIGS.get((kernel, head_dim)) if n_k >= LONG_KEYS else None
+    return long or CONFIGS[kernel, head_dim]
+
+
+def launch_options(kernel: str, head_dim: int, n_k: int) -> dict:
+    """A kernel's constexprs and launch options for a head dim in CONFIGS and n_k keys."""
+    c = config(kernel, head_dim, n_k)
+    if kernel == "dkdv":  # streams query tiles
+        streamed = {"BLOCK_M": c.block_n, "STAGED_ROWS": c.staged_rows, "MASKED_APART": c.masked_apart}
+    else:  # streams key tiles
+        streamed = {"BLOCK_N": c.block_n, "BUILD_ROWS": c.build_rows or c.block_n}
+    return {"HEAD_DIM": head_dim, **streamed, "STAGES": c.stages,
             "CONSUMER_REGS": c.consumer_regs, "PRODUCER_REGS": c.producer_regs, "num_warps": 4, "maxnreg": _MAXNREG}
 
 
@@ -695,7 +716,7 @@ def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.T
     batch, heads, n_q, head_dim = q.shape
     _fwd_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
         q, mu_k, v, freqs, delta, out, lse, *q.stride()[:3], *v.stride()[:3], heads, n_q, v.shape[2], q_offset,
-        qk_scale, CAUSAL=causal, **launch_options("fwd", head_dim))
+        qk_scale, CAUSAL=causal, **launch_options("fwd", head_dim, v.shape[2]))
 
 
 def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
@@ -708,7 +729,7 @@ def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Te
     _dq_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
         q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         heads, n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal,
-        **launch_options("dq", head_dim))
+        **launch_options("dq", head_dim, v.shape[2]))
 
 
 def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
@@ -721,4 +742,4 @@ def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.
     _dkdv_kernel[(triton.cdiv(n_k, 128), batch * heads)](
         mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *k.stride()[:3], *v.stride()[:3],
         *dout.stride()[:3], heads, mu_q.shape[2], n_k, q_offset, qk_scale, CAUSAL=causal,
-        **launch_options("dkdv", head_dim))
+        **launch_options("dkdv", head_dim, n_k))

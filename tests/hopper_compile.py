@@ -1,6 +1,8 @@
 """Compile a kernel of kernels/flash_hopper.py for sm_90a on any machine and report what ptxas made of it.
 
-    python tests/hopper_compile.py KERNEL(fwd|dq|dkdv) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16)
+    python tests/hopper_compile.py KERNEL(fwd|dq|dkdv) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16) [N_K]
+
+N_K (default 1) picks the configuration flash_hopper.config gives that many keys.
 
 Prints one JSON line: shared memory bytes, local-memory (spill) instructions, wgmma and mbarrier instruction
 counts, and the named barriers the compiler itself uses (those with a constant id; the key ring's own take theirs
@@ -29,9 +31,9 @@ KERNELS = {"fwd": flash_hopper._fwd_kernel, "dq": flash_hopper._dq_kernel, "dkdv
 FP32 = ("Freqs", "Delta", "Lse", "Dvec", "DDelta", "sm_scale", "qk_scale")
 
 
-def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str):
+def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1):
     kernel = KERNELS[kernel_name]
-    launch = flash_hopper.launch_options(kernel_name, head_dim)
+    launch = flash_hopper.launch_options(kernel_name, head_dim, n_k)
     constexprs = {name: value for name, value in launch.items() if name.isupper()} | {"CAUSAL": causal}
     options = {name: value for name, value in launch.items() if not name.isupper()}
     pointers = [name for name in kernel.arg_names if name[0].isupper() and name not in constexprs]
@@ -55,7 +57,8 @@ def sass_of(cubin: bytes) -> str:
 
 def main() -> None:
     kernel_name, head_dim, causal, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-    compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype)
+    n_k = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype, n_k)
     instructions = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass_of(compiled.asm["cubin"]).splitlines()
                     if line.strip().startswith("/*") and "*/" in line]
     words = [ins.split()[1:] if ins.startswith("@") else ins.split() for ins in instructions if ins]

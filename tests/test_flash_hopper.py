@@ -23,36 +23,39 @@ flash_hopper = flash.flash_hopper
 SMEM_PER_BLOCK = 227 * 1024  # an H100's shared memory per thread block
 
 
-def compiled_for_sm90(kernel: str, head_dim: int, causal: bool, dtype: str) -> dict:
+def compiled_for_sm90(kernel: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1) -> dict:
     # in a process of its own: the tests' TRITON_INTERPRET=1 (conftest.py) breaks Gluon's compilation
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), kernel, str(head_dim),
-                             str(int(causal)), dtype], capture_output=True, text=True, env=env)
+                             str(int(causal)), dtype, str(n_k)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 
 
-# every configuration flash.py launches (a causal-only one never for non-causal attention: flash_hopper.handles)
-LAUNCHED = [(kernel, head_dim, causal, dtype)
-            for (kernel, head_dim), config in sorted(flash_hopper.CONFIGS.items() if flash_hopper else [])
+# every configuration flash.py launches, by the keys that select it (a causal-only one never for non-causal attention:
+# flash_hopper.handles)
+LAUNCHED = [(kernel, head_dim, n_k, causal, dtype)
+            for configs, n_k in (((flash_hopper.CONFIGS, 1), (flash_hopper.LONG_CONFIGS, flash_hopper.LONG_KEYS))
+                                 if flash_hopper else ())
+            for (kernel, head_dim), config in sorted(configs.items())
             for causal, dtype in ((True, "bf16"), (False, "fp16")) if causal or not config.causal_only]
 
 
 @pytest.mark.skipif(flash_hopper is None, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("kernel, head_dim, causal, dtype", LAUNCHED)
-def test_hopper_kernels_compile_for_sm90_without_spills(kernel, head_dim, causal, dtype):
-    report = compiled_for_sm90(kernel, head_dim, causal, dtype)
+@pytest.mark.parametrize("kernel, head_dim, n_k, causal, dtype", LAUNCHED)
+def test_hopper_kernels_compile_for_sm90_without_spills(kernel, head_dim, n_k, causal, dtype):
+    report = compiled_for_sm90(kernel, head_dim, causal, dtype, n_k)
     assert report["wgmma"] > 0 and report["mbarrier"] > 0, report  # the warp-specialized kernel it should be
-    assert report["local_memory"] == 0, f"{kernel} D={head_dim}: registers spill to local memory: {report}"
+    assert report["local_memory"] == 0, f"{kernel} D={head_dim} {n_k} keys: registers spill to local memory: {report}"
     assert report["shared"] <= SMEM_PER_BLOCK, report
 
 
 @pytest.mark.skipif(flash_hopper is None, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("kernel, head_dim", [("fwd", 64), ("dq", 32)])
-def test_key_ring_named_barriers_are_ones_the_compiler_leaves_free(kernel, head_dim):
+@pytest.mark.parametrize("kernel, head_dim, n_k", [("fwd", 64, 1), ("dq", 32, 1), ("fwd", 64, 1 << 16)])
+def test_key_ring_named_barriers_are_ones_the_compiler_leaves_free(kernel, head_dim, n_k):
     # the forward's and dq pass's consumers release the key ring on named barriers _STAGE_BARRIER + stage; a Triton
     # that used those ids for its own bar.syncs would make the two meet at one barrier and hang or race
-    report = compiled_for_sm90(kernel, head_dim, True, "bf16")
+    report = compiled_for_sm90(kernel, head_dim, True, "bf16", n_k)
     first = flash_hopper._STAGE_BARRIER.value
     assert report["compiler_barriers"] and max(report["compiler_barriers"]) < first, report
-    assert first + flash_hopper.CONFIGS[kernel, head_dim].stages <= 16  # a CTA has 16 named barriers
+    assert first + flash_hopper.config(kernel, head_dim, n_k).stages <= 16  # a CTA has 16 named barriers
