@@ -137,8 +137,8 @@ def time_fwd_bwd(shapes, variants) -> None:
 
 
 def time_passes(shapes, variants) -> None:
-    """Each Gluon pass alone, per Gluon variant: at the pretraining shape (where issue 8's step spends them) and at a
-    long one (few programs, mostly tiles)."""
+    """Each Gluon pass alone, per Gluon variant, at each (B, H, N) of `shapes` (by default the pretraining shape, where
+    issue 8's step spends them, and a long one: few programs, mostly tiles)."""
     print("## each pass alone, CUDA-graph us (bf16, causal, D = 64)")
     for b, h, n in shapes:
         for name, module in variants.items():
