@@ -185,20 +185,20 @@ def _row_block(n_heads, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _prepass_kernel(X, Mu, Out, DO, Dvec,
-                    stride_xb, stride_xh, stride_xn, stride_dob, stride_doh, stride_don,
-                    n_heads, n_rows,
+                    stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_on,
+                    stride_dob, stride_doh, stride_don, n_heads, n_rows,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, WITH_DVEC: tl.constexpr):
     """Mu = softplus(X) in X's dtype, (B, H, N, D) contiguous; with WITH_DVEC also Dvec = rowsum(DO * Out).
 
     The streamed side of every loop reads Mu instead of X: its softplus (two SFU ops per element) is then
     paid once instead of once per stationary block.
     """
-    bh, b, h, rows, row_ok, d, o_rows = _row_block(n_heads, n_rows, HEAD_DIM, BLOCK)
+    _, b, h, rows, row_ok, d, o_rows = _row_block(n_heads, n_rows, HEAD_DIM, BLOCK)
     x = _load_rows(X + b.to(tl.int64) * stride_xb + h * stride_xh, rows, row_ok, stride_xn, d)
     tl.store(Mu + o_rows[:, None] * HEAD_DIM + d[None, :], _softplus(x.to(tl.float32)).to(x.dtype),
              mask=row_ok[:, None])
     if WITH_DVEC:
-        out = _load_rows(Out + bh.to(tl.int64) * n_rows * HEAD_DIM, rows, row_ok, HEAD_DIM, d)
+        out = _load_rows(Out + b.to(tl.int64) * stride_ob + h * stride_oh, rows, row_ok, stride_on, d)
         do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, row_ok, stride_don, d)
         tl.store(Dvec + o_rows, tl.sum(out.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
 
@@ -289,7 +289,7 @@ def _fwd_inner(acc, m_i, l_i, qc, qs, mu_base, v_base, stride_vn, freqs, delta, 
 
 @triton.jit
 def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
-                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
+                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                 n_heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
@@ -309,9 +309,9 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
                                q_pos, full, hi, n_k, CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION)
 
     out = acc / l_i[:, None]
-    o_rows = bh.to(tl.int64) * n_q + rows
-    tl.store(Out + o_rows[:, None] * HEAD_DIM + d[None, :], out.to(dtype), mask=row_ok[:, None])
-    tl.store(Lse + o_rows, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :], out.to(dtype),
+             mask=row_ok[:, None])
+    tl.store(Lse + bh.to(tl.int64) * n_q + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -558,11 +558,19 @@ def _magnitudes(x: torch.Tensor, out=None, dout=None, dvec=None) -> torch.Tensor
     batch, heads, n, head_dim = x.shape
     mu = torch.empty((batch, heads, n, head_dim), device=x.device, dtype=x.dtype)
     with_dvec = dvec is not None
-    do_strides = _row_strides(dout) if with_dvec else (0, 0, 0)
+    o_strides, do_strides = (_row_strides(out), _row_strides(dout)) if with_dvec else ((0, 0, 0), (0, 0, 0))
     _prepass_kernel[(triton.cdiv(n, _ROW_BLOCK), batch * heads)](
         x, mu, out if with_dvec else x, dout if with_dvec else x, dvec if with_dvec else mu,
-        *_row_strides(x), *do_strides, heads, n, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK, WITH_DVEC=with_dvec)
+        *_row_strides(x), *o_strides, *do_strides, heads, n, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK,
+        WITH_DVEC=with_dvec)
     return mu
+
+
+def _empty_output(q: torch.Tensor) -> torch.Tensor:
+    """The attention output (B, H, Nq, D), laid out as (B, Nq, H, D) in memory: the model's transpose to (B, Nq, H * D)
+    for the output projection is then a view, not a copy (SDPA's output is laid out so too)."""
+    batch, heads, n_q, head_dim = q.shape
+    return q.new_empty((batch, n_q, heads, head_dim)).transpose(1, 2)
 
 
 def _row_strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -587,22 +595,22 @@ def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
-    out = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
+    out = _empty_output(q)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
-    mu_k = _magnitudes(k)  # the streamed keys' softplus, once
+    mu_k = _magnitudes(k)  # the streamed keys' softplus, once: kept for the backward's passes
     qk_scale = sm_scale * math.log2(math.e)
     if _on_hopper("fwd", q, causal):
         flash_hopper.forward(q, mu_k, v, freqs, delta.contiguous(), out, lse, causal, qk_scale, q_offset)
     else:
         _launch("fwd", _fwd_tuned, _fwd_kernel, n_q, batch * heads,
                 q, mu_k, v, freqs, delta.contiguous(), out, lse,
-                *_row_strides(q), *_row_strides(v),
+                *_row_strides(q), *_row_strides(v), *_row_strides(out),
                 heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
-    return out, lse
+    return out, lse, mu_k
 
 
-def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset):
+def _backward(dout, q, k, v, delta, freqs, out, lse, mu_k, causal, sm_scale, q_offset):
     dout, q, k, v = (_unit_last_stride(x) for x in (dout, q, k, v))
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -617,9 +625,8 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
     ddelta = torch.zeros((heads, head_dim), device=q.device, dtype=torch.float32)
     mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
     if split:
-        # the streamed keys' softplus for the dq pass; the Hopper passes also build their stationary rows from mu_q and
-        # mu_k (no softplus in their prologues)
-        mu_k = _magnitudes(k)
+        # the forward's mu_k streams the keys of the dq pass; the Hopper passes also build their stationary rows from
+        # mu_q and mu_k (no softplus in their prologues)
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         if _on_hopper("dq", q, causal):
             flash_hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
@@ -655,36 +662,35 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
 # inside a CUDA-graph memory pool when that call is being captured (compile mode reduce-overhead) and outlive it.
 @torch.library.custom_op("pope_lm::pope_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, freqs: torch.Tensor,
-            causal: bool, sm_scale: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+            causal: bool, sm_scale: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out, lse and mu_k = softplus(k), which the backward streams (recomputing it would cost a pass over k)."""
     return _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, delta, freqs, causal, sm_scale, q_offset):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _empty_output(q), q.new_empty(q.shape[:3], dtype=torch.float32), k.new_empty(k.shape)
 
 
 @torch.library.custom_op("pope_lm::pope_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor,
-            freqs: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float,
-            q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
+            freqs: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mu_k: torch.Tensor, causal: bool,
+            sm_scale: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dout, q, k, v, delta, freqs, out, lse, mu_k, causal, sm_scale, q_offset)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset):
+def _bwd_fake(dout, q, k, v, delta, freqs, out, lse, mu_k, causal, sm_scale, q_offset):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), delta.new_empty(delta.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, delta, freqs, ctx.causal, ctx.sm_scale, ctx.q_offset = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, delta, freqs, out, lse)
+    ctx.save_for_backward(q, k, v, delta, freqs, *output)
 
 
-def _autograd_backward(ctx, dout, _dlse):
-    q, k, v, delta, freqs, out, lse = ctx.saved_tensors
-    grads = _bwd_op(dout, q, k, v, delta, freqs, out, lse, ctx.causal, ctx.sm_scale, ctx.q_offset)
+def _autograd_backward(ctx, dout, _dlse, _dmu_k):
+    grads = _bwd_op(dout, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.q_offset)
     return *grads, None, None, None, None
 
 
@@ -711,5 +717,5 @@ def pope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: tor
         raise ValueError(f"need q_offset >= 0 and at least one key; got {q_offset}, {k.shape[2]} keys")
     sm_scale = softmax_scale(head_dim, sm_scale)
     freqs = pope_frequencies(head_dim, float(theta), q.device, torch.float32)
-    out, _ = _fwd_op(q, k, v, delta.float(), freqs, causal, sm_scale, int(q_offset))
+    out, _, _ = _fwd_op(q, k, v, delta.float(), freqs, causal, sm_scale, int(q_offset))
     return out

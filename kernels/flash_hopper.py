@@ -321,7 +321,8 @@ def _scores(qc, qs, kc_s, ks_s, stage, s_init):
 def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 query rows against the staged key tiles: scores, online softmax, P V; writes out and lse."""
-    Q, Out, Lse, stride_qb, stride_qh, stride_qn, start_m, n_q, q_offset, qk_scale, qc_s, qs_s = rows
+    (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, start_m, n_q, q_offset, qk_scale,
+     qc_s, qs_s) = rows
     _, _, Freqs, _, b, h, bh, n_k, _, _, _, n_tiles, kc_s, ks_s, v_s, ready = ring
     dtype: gl.constexpr = Out.dtype.element_ty
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
@@ -364,15 +365,15 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
     out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_mma)), 1)
     o_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
     o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
-    gl.store(Out + gl.expand_dims(bh.to(gl.int64) * n_q + o_rows, 1) * HEAD_DIM + gl.expand_dims(o_d, 0),
-             out.to(dtype), mask=gl.expand_dims(o_rows < n_q, 1))
+    gl.store(Out + b.to(gl.int64) * stride_ob + h * stride_oh + gl.expand_dims(o_rows, 1) * stride_on
+             + gl.expand_dims(o_d, 0), out.to(dtype), mask=gl.expand_dims(o_rows < n_q, 1))
     lse_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
     gl.store(Lse + bh.to(gl.int64) * n_q + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < n_q)
 
 
 @gluon.jit
 def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
-                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
+                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                 n_heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
@@ -382,7 +383,8 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], Q.dtype.element_ty)
     qc_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
     qs_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
-    rows = (Q, Out, Lse, stride_qb, stride_qh, stride_qn, start_m, n_q, q_offset, qk_scale, qc_s, qs_s)
+    rows = (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, start_m, n_q, q_offset,
+            qk_scale, qc_s, qs_s)
     # Gluon hands constexprs to a partition only as direct elements of its argument tuple
     gl.warp_specialize([(_fwd_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
                         (_fwd_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
@@ -712,11 +714,12 @@ def launch_options(kernel: str, head_dim: int, n_k: int) -> dict:
 def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, delta: torch.Tensor,
             out: torch.Tensor, lse: torch.Tensor, causal: bool, qk_scale: float, q_offset: int) -> None:
     """flash.py's forward from the keys' prepass on: q, v (B, H, N, D) with unit last stride, mu_k (B, H, Nk, D)
-    contiguous, delta (H, D) contiguous; writes out (B, H, Nq, D) and lse (B, H, Nq), log2 units, as flash.py's."""
+    contiguous, delta (H, D) contiguous; writes out (B, H, Nq, D), unit last stride, and lse (B, H, Nq), log2 units,
+    as flash.py's."""
     batch, heads, n_q, head_dim = q.shape
     _fwd_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
-        q, mu_k, v, freqs, delta, out, lse, *q.stride()[:3], *v.stride()[:3], heads, n_q, v.shape[2], q_offset,
-        qk_scale, CAUSAL=causal, **launch_options("fwd", head_dim, v.shape[2]))
+        q, mu_k, v, freqs, delta, out, lse, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads, n_q, v.shape[2],
+        q_offset, qk_scale, CAUSAL=causal, **launch_options("fwd", head_dim, v.shape[2]))
 
 
 def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,

@@ -216,6 +216,15 @@ def test_strided_inputs_and_expanded_gradient_match_reference():
     _check_against_reference(q, k, v, delta, torch.ones(2, 3, 21, 32).expand(2, 3, 21, 32), causal=True)
 
 
+def test_output_is_laid_out_by_position_so_that_merging_heads_copies_nothing():
+    # the model merges heads with out.transpose(1, 2).reshape(B, N, H * D), and its gradient hands dout back as the
+    # same (B, N, H, D)-ordered view
+    q, k, v, delta, dout = _inputs(2, 3, 21, 21, 32, torch.float32, seed=8)
+    out = pope_attention(q, k, v, delta)
+    assert out.transpose(1, 2).is_contiguous()
+    _check_against_reference(q, k, v, delta, dout.transpose(1, 2).contiguous().transpose(1, 2), causal=True)
+
+
 def test_compiles_without_graph_break():
     q, k, v, delta, _ = _inputs(1, 2, 20, 20, 32, torch.float32, seed=6)
     delta.requires_grad_()
@@ -234,8 +243,8 @@ def test_custom_ops_pass_opcheck():
     freqs = pope_frequencies(32, 10000.0)
     fwd_args = (q.requires_grad_(), k, v, delta, freqs, True, 0.2, 0)
     torch.library.opcheck(torch.ops.pope_lm.pope_attention_fwd.default, fwd_args)
-    out, lse = torch.ops.pope_lm.pope_attention_fwd(*fwd_args)
-    bwd_args = (dout, q.detach(), k, v, delta, freqs, out.detach(), lse, True, 0.2, 0)
+    out, lse, mu_k = torch.ops.pope_lm.pope_attention_fwd(*fwd_args)
+    bwd_args = (dout, q.detach(), k, v, delta, freqs, out.detach(), lse, mu_k, True, 0.2, 0)
     torch.library.opcheck(torch.ops.pope_lm.pope_attention_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 
