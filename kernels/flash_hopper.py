@@ -105,8 +105,9 @@ CONFIGS = {
 }
 # From LONG_KEYS keys on, by pass and head dim: 128-key tiles in the forward (one wait, softmax step and release per
 # 128 keys), the producer building them 32 rows at a time (its phase registers), so that each consumer gets 184.
-# Forward -4% at (8, 12, 2048), -10% at (1, 12, 10240); +5% at the pretraining shape (16, 12, 1024), where more of
-# the last tile is masked and each program streams fewer tiles, hence the threshold (attention_notes.md, session 16).
+# Forward -4% at (8, 12, 2048), -10% at (1, 12, 10240); +5% at the pretraining shape (16, 12, 1024), where each
+# program streams few tiles (+6% there even with the masked half of a consumer's last tile skipped), hence the
+# threshold (attention_notes.md, sessions 16 and 17).
 LONG_KEYS = 2048
 LONG_CONFIGS = {
     ("fwd", 64): Config(block_n=128, stages=2, consumer_regs=184, producer_regs=136, build_rows=32),
