@@ -597,7 +597,7 @@ def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     n_k = k.shape[2]
     out = _empty_output(q)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
-    mu_k = _magnitudes(k)  # the streamed keys' softplus, once: kept for the backward's passes
+    mu_k = _magnitudes(k)  # the streamed keys' softplus, once
     qk_scale = sm_scale * math.log2(math.e)
     if _on_hopper("fwd", q, causal):
         flash_hopper.forward(q, mu_k, v, freqs, delta.contiguous(), out, lse, causal, qk_scale, q_offset)
@@ -607,10 +607,10 @@ def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
                 *_row_strides(q), *_row_strides(v), *_row_strides(out),
                 heads, n_q, n_k, q_offset, qk_scale,
                 CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
-    return out, lse, mu_k
+    return out, lse
 
 
-def _backward(dout, q, k, v, delta, freqs, out, lse, mu_k, causal, sm_scale, q_offset):
+def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset):
     dout, q, k, v = (_unit_last_stride(x) for x in (dout, q, k, v))
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -625,8 +625,10 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, mu_k, causal, sm_scale, q_o
     ddelta = torch.zeros((heads, head_dim), device=q.device, dtype=torch.float32)
     mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
     if split:
-        # the forward's mu_k streams the keys of the dq pass; the Hopper passes also build their stationary rows from
-        # mu_q and mu_k (no softplus in their prologues)
+        # the streamed keys' softplus for the dq pass, again (the backward keeps only q, k, v, out and lse, as
+        # FlashAttention-2 does); the Hopper passes also build their stationary rows from mu_q and mu_k (no softplus in
+        # their prologues)
+        mu_k = _magnitudes(k)
         dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         if _on_hopper("dq", q, causal):
             flash_hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
@@ -662,25 +664,24 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, mu_k, causal, sm_scale, q_o
 # inside a CUDA-graph memory pool when that call is being captured (compile mode reduce-overhead) and outlive it.
 @torch.library.custom_op("pope_lm::pope_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, freqs: torch.Tensor,
-            causal: bool, sm_scale: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out, lse and mu_k = softplus(k), which the backward streams (recomputing it would cost a pass over k)."""
+            causal: bool, sm_scale: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, delta, freqs, causal, sm_scale, q_offset):
-    return _empty_output(q), q.new_empty(q.shape[:3], dtype=torch.float32), k.new_empty(k.shape)
+    return _empty_output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("pope_lm::pope_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor,
-            freqs: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mu_k: torch.Tensor, causal: bool,
-            sm_scale: float, q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, delta, freqs, out, lse, mu_k, causal, sm_scale, q_offset)
+            freqs: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float,
+            q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, delta, freqs, out, lse, mu_k, causal, sm_scale, q_offset):
+def _bwd_fake(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), delta.new_empty(delta.shape)
 
 
@@ -689,7 +690,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, delta, freqs, *output)
 
 
-def _autograd_backward(ctx, dout, _dlse, _dmu_k):
+def _autograd_backward(ctx, dout, _dlse):
     grads = _bwd_op(dout, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.q_offset)
     return *grads, None, None, None, None
 
@@ -717,5 +718,5 @@ def pope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: tor
         raise ValueError(f"need q_offset >= 0 and at least one key; got {q_offset}, {k.shape[2]} keys")
     sm_scale = softmax_scale(head_dim, sm_scale)
     freqs = pope_frequencies(head_dim, float(theta), q.device, torch.float32)
-    out, _, _ = _fwd_op(q, k, v, delta.float(), freqs, causal, sm_scale, int(q_offset))
+    out, _ = _fwd_op(q, k, v, delta.float(), freqs, causal, sm_scale, int(q_offset))
     return out

@@ -243,8 +243,8 @@ def test_custom_ops_pass_opcheck():
     freqs = pope_frequencies(32, 10000.0)
     fwd_args = (q.requires_grad_(), k, v, delta, freqs, True, 0.2, 0)
     torch.library.opcheck(torch.ops.pope_lm.pope_attention_fwd.default, fwd_args)
-    out, lse, mu_k = torch.ops.pope_lm.pope_attention_fwd(*fwd_args)
-    bwd_args = (dout, q.detach(), k, v, delta, freqs, out.detach(), lse, mu_k, True, 0.2, 0)
+    out, lse = torch.ops.pope_lm.pope_attention_fwd(*fwd_args)
+    bwd_args = (dout, q.detach(), k, v, delta, freqs, out.detach(), lse, True, 0.2, 0)
     torch.library.opcheck(torch.ops.pope_lm.pope_attention_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 
