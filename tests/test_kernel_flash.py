@@ -5,7 +5,9 @@ TRITON_INTERPRET=1 before anything imports triton.
 """
 
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +268,16 @@ def test_unsupported_head_dim_is_rejected():
 
 def test_kernels_run_in_the_interpreter_on_cpu():
     assert flash._INTERPRETED, "TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)"
+
+
+def test_the_kernels_folder_imported_as_a_top_level_package_registers_no_ops_again():
+    # From the repository root the folder is also the top-level package `kernels`, which transformers imports when it
+    # probes for Hugging Face's kernel hub; running flash.py again there would re-register the custom ops
+    code = ("import sys, pope_lm.kernels; from transformers import PreTrainedModel; "
+            "print(sorted(m for m in sys.modules if m == 'kernels' or m.startswith('kernels.')))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         check=True)
+    imported = run.stdout.strip()
+    if imported == "[]":
+        pytest.skip("this transformers does not import `kernels` from the working directory")
+    assert imported == "['kernels']"
