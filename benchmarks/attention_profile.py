@@ -44,12 +44,13 @@ def main() -> None:
     flash = kernels.flash
     freqs = kernels.reference.pope_frequencies(d, THETA, "cuda")
     sm_scale = kernels.reference.softmax_scale(d, None)
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
 
     def run() -> None:
         # the custom op's two halves, called directly: autograd would launch the backward from its own thread, and
         # NVTX ranges are per thread
         out, lse = flash._forward(q, k, v, delta, freqs, True, sm_scale, 0)
-        flash._backward(dout, q, k, v, delta, freqs, out, lse, True, sm_scale, 0)
+        flash._backward(dout, q, k, v, delta, freqs, out, lse, True, sm_scale, 0, dq, dk, dv)
         if args.cudnn_forward:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -105,17 +105,27 @@ def grads(attention, q, k, v, delta, dout, causal, q_offset):
     return (out, *torch.autograd.grad(out, leaves, dout))
 
 
+def packed_attention(q, k, v, delta, *, causal, theta, q_offset):
+    """pope_attention through the op that takes the model's projection whole: q, k, v stacked into (B, N, 3, H, D)."""
+    assert q_offset == 0 and q.shape == k.shape
+    return kernels.pope_attention_packed(torch.stack((q, k, v)).permute(1, 3, 0, 2, 4), delta, causal=causal,
+                                         theta=theta)
+
+
 def check(cases, variants, packed=False) -> None:
+    """With `packed`, q, k and v are views of one projection, and each variant also runs the packed op."""
     print(f"## relative error (norm) of out dq dk dv ddelta against float64{', q k v packed' if packed else ''}")
+    attentions = {"": kernels.pope_attention} | ({" packed op": packed_attention} if packed else {})
     for d, b, h, n_q, n_k, q_offset, causal, dtype, scale in cases:
         q, k, v, delta, dout = inputs(d, b, h, n_q, n_k, dtype, scale, packed=packed)
         ref = grads(kernels.pope_attention_reference, *(x.double() for x in (q, k, v, delta, dout)), causal, q_offset)
         line = f"D={d} ({b},{h},{n_q},{n_k}) off={q_offset} causal={causal} {str(dtype)[6:]} x{scale}:"
         for name, module in variants.items():
-            with hopper_kernels(module):
-                ours = grads(kernels.pope_attention, q, k, v, delta, dout, causal, q_offset)
-            errors = rel_errors(ours, ref, heads=slice(None))
-            line += f" | {name} " + " ".join(f"{e:.1e}" for e in errors.values())
+            for how, attention in attentions.items():
+                with hopper_kernels(module):
+                    ours = grads(attention, q, k, v, delta, dout, causal, q_offset)
+                errors = rel_errors(ours, ref, heads=slice(None))
+                line += f" | {name}{how} " + " ".join(f"{e:.1e}" for e in errors.values())
         print(line, flush=True)
 
 
@@ -153,6 +163,8 @@ def main() -> None:
                         help="other revisions' kernels/flash_hopper.py, each timed under its file name")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="timings only")
     parser.add_argument("--no-timings", dest="timings", action="store_false", help="checks only")
+    parser.add_argument("--packed-only", action="store_true",
+                        help="check only the cases whose q, k and v are views of one projection (and the packed op)")
     parser.add_argument("--no-triton-timings", dest="triton_timings", action="store_false",
                         help="time the Gluon kernels only (the Triton kernels autotune at every new shape: minutes)")
     parser.add_argument("--pass-shapes", nargs="*", default=["16,12,1024", "1,12,10240"], metavar="B,H,N",
@@ -164,7 +176,8 @@ def main() -> None:
         variants[path.stem] = load_revision(path)
     if args.checks:  # this checkout's kernels; the revisions are timed only
         checked = {name: variants[name] for name in ("triton", "gluon")}
-        check(CASES, checked)
+        if not args.packed_only:
+            check(CASES, checked)
         check(PACKED_CASES, checked, packed=True)
     if args.timings:
         time_passes([tuple(int(x) for x in shape.split(",")) for shape in args.pass_shapes], variants)

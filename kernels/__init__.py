@@ -10,7 +10,8 @@ the package defines nothing.
 
 if __name__ == "pope_lm.kernels":
     from .cross_entropy import linear_cross_entropy
-    from .flash import pope_attention
+    from .flash import pope_attention, pope_attention_packed
     from .reference import pope_attention_reference, pope_frequencies
 
-    __all__ = ["linear_cross_entropy", "pope_attention", "pope_attention_reference", "pope_frequencies"]
+    __all__ = ["linear_cross_entropy", "pope_attention", "pope_attention_packed", "pope_attention_reference",
+               "pope_frequencies"]

@@ -51,7 +51,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _check_shapes, pope_frequencies, softmax_scale
+from .reference import _check_shapes, pope_frequencies, softmax_scale, split_qkv
 
 try:  # Gluon, Triton's explicit dialect: the Hopper kernels (flash_hopper.py) need its warp specialization
     from . import flash_hopper
@@ -170,6 +170,11 @@ def _load_rows(base, rows, row_ok, stride, d):
     return tl.load(base + rows[:, None] * stride + d[None, :], mask=row_ok[:, None], other=0.0)
 
 
+@triton.jit
+def _store_rows(base, rows, row_ok, stride, d, value):
+    tl.store(base + rows[:, None] * stride + d[None, :], value, mask=row_ok[:, None])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Elementwise passes over rows: the streamed side's magnitudes (and D = rowsum(dO O)); dq's last step
 
@@ -204,15 +209,15 @@ def _prepass_kernel(X, Mu, Out, DO, Dvec,
 
 
 @triton.jit
-def _dq_finish_kernel(Q, DQacc, DQ, stride_qb, stride_qh, stride_qn, n_heads, n_rows,
+def _dq_finish_kernel(Q, DQacc, DQ, stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, n_heads, n_rows,
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     """dq = sigmoid(q) ln2 U from the fp32 sum U of cos(t theta) (dS kc) + sin(t theta) (dS ks) over key
     blocks (the query phases carry sm_scale log2(e); ln2 leaves sm_scale)."""
-    bh, b, h, rows, row_ok, d, o_rows = _row_block(n_heads, n_rows, HEAD_DIM, BLOCK)
+    bh, b, h, rows, row_ok, d, _ = _row_block(n_heads, n_rows, HEAD_DIM, BLOCK)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, d)
     acc = _load_rows(DQacc + bh.to(tl.int64) * n_rows * HEAD_DIM, rows, row_ok, HEAD_DIM, d)
     dq = tl.sigmoid(q.to(tl.float32)) * acc * _LN2
-    tl.store(DQ + o_rows[:, None] * HEAD_DIM + d[None, :], dq.to(q.dtype), mask=row_ok[:, None])
+    _store_rows(DQ + b.to(tl.int64) * stride_gb + h * stride_gh, rows, row_ok, stride_gn, d, dq.to(q.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,8 +314,7 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
                                q_pos, full, hi, n_k, CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION)
 
     out = acc / l_i[:, None]
-    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :], out.to(dtype),
-             mask=row_ok[:, None])
+    _store_rows(Out + b.to(tl.int64) * stride_ob + h * stride_oh, rows, row_ok, stride_on, d, out.to(dtype))
     tl.store(Lse + bh.to(tl.int64) * n_q + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -345,7 +349,7 @@ def _dq_inner(gc, gs, qc, qs, do, lse, dvec, mu_base, v_base, stride_vn, freqs, 
 @triton.jit
 def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
-               stride_dob, stride_doh, stride_don,
+               stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -371,7 +375,7 @@ def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
     # the phases again rather than kept live through the loop (registers are the scarce resource here)
     cos, sin = _phases(q_offset + start_m, BLOCK_M, freqs, tl.zeros([HEAD_DIM], tl.float32))
     dq, _ = _polar_grad(q, gc * sm_scale, gs * sm_scale, cos, sin)
-    tl.store(DQ + o_rows[:, None] * HEAD_DIM + d[None, :], dq.to(dtype), mask=row_ok[:, None])
+    _store_rows(DQ + b.to(tl.int64) * stride_gb + h * stride_gh, rows, row_ok, stride_gn, d, dq.to(dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,7 +429,7 @@ def _dkdv_inner(dv, gc, gs, kc, ks, v, muq_base, do_base, stride_don, lse_base, 
 @triton.jit
 def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                 stride_dob, stride_doh, stride_don,
+                 stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
                  n_heads, n_q, n_k, q_offset, qk_scale,
                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -473,9 +477,9 @@ def _dkdv_kernel(MuQ, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta, DQacc,
     cos, sin = _phases(start_n, BLOCK_N, freqs, delta)  # again, rather than kept live through the loop
     # gc, gs carry the queries' sm_scale log2(e); ln2 leaves sm_scale
     dk, ddelta = _polar_grad(k, gc * _LN2, gs * _LN2, cos, sin)
-    out_rows = bh.to(tl.int64) * n_k + cols
-    tl.store(DK + out_rows[:, None] * HEAD_DIM + d[None, :], dk.to(dtype), mask=col_ok[:, None])
-    tl.store(DV + out_rows[:, None] * HEAD_DIM + d[None, :], dv.to(dtype), mask=col_ok[:, None])
+    grad_base = b.to(tl.int64) * stride_gb + h * stride_gh  # dk and dv share their strides
+    _store_rows(DK + grad_base, cols, col_ok, stride_gn, d, dk.to(dtype))
+    _store_rows(DV + grad_base, cols, col_ok, stride_gn, d, dv.to(dtype))
     ddelta = tl.sum(tl.where(col_ok[:, None], ddelta, 0.0), 0)
     tl.atomic_add(DDelta + h * HEAD_DIM + d, ddelta, sem="relaxed")
 
@@ -610,7 +614,9 @@ def _forward(q, k, v, delta, freqs, causal, sm_scale, q_offset):
     return out, lse
 
 
-def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset):
+def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset, dq, dk, dv):
+    """Writes the gradients of q, k, v into dq, dk, dv (unit last stride; dk and dv with the same strides) and returns
+    delta's."""
     dout, q, k, v = (_unit_last_stride(x) for x in (dout, q, k, v))
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -619,8 +625,6 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
     qk_scale = sm_scale * math.log2(math.e)
     split = not uses_fused_dq(head_dim, n_k)
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
-    dk = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=k.dtype)
-    dv = torch.empty((batch, heads, n_k, head_dim), device=q.device, dtype=v.dtype)
     dvec = torch.empty_like(lse)  # D = rowsum(dO * O)
     ddelta = torch.zeros((heads, head_dim), device=q.device, dtype=torch.float32)
     mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
@@ -629,13 +633,12 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
         # FlashAttention-2 does); the Hopper passes also build their stationary rows from mu_q and mu_k (no softplus in
         # their prologues)
         mu_k = _magnitudes(k)
-        dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         if _on_hopper("dq", q, causal):
             flash_hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
         else:
             _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
                     q, mu_k, v, freqs, delta, dout, lse, dvec, dq,
-                    *_row_strides(q), *_row_strides(v), *_row_strides(dout),
+                    *_row_strides(q), *_row_strides(v), *_row_strides(dout), *_row_strides(dq),
                     heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
         dq_acc = ddelta.new_zeros(1)  # unused
     else:
@@ -646,13 +649,12 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
     else:
         _launch("dkdv", _dkdv_tuned, _dkdv_kernel, n_k, bh,
                 mu_q, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, dq_acc,
-                *_row_strides(k), *_row_strides(v), *_row_strides(dout),
+                *_row_strides(k), *_row_strides(v), *_row_strides(dout), *_row_strides(dk),
                 heads, n_q, n_k, q_offset, qk_scale, FUSED_DQ=not split, **constexprs)
     if not split:
-        dq = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
         _dq_finish_kernel[(triton.cdiv(n_q, _ROW_BLOCK), bh)](
-            q, dq_acc, dq, *_row_strides(q), heads, n_q, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK)
-    return dq, dk, dv, ddelta.to(delta.dtype)
+            q, dq_acc, dq, *_row_strides(q), *_row_strides(dq), heads, n_q, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK)
+    return ddelta.to(delta.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -677,7 +679,9 @@ def _fwd_fake(q, k, v, delta, freqs, causal, sm_scale, q_offset):
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor,
             freqs: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float,
             q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset)
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    ddelta = _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset, dq, dk, dv)
+    return dq, dk, dv, ddelta
 
 
 @_bwd_op.register_fake
@@ -698,6 +702,60 @@ def _autograd_backward(ctx, dout, _dlse):
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+# The same for self-attention on the model's packed projection qkv (B, N, 3, H, D): the backward writes dq, dk, dv
+# straight into one dqkv of that layout, the gradient of the projection's output, where the unpacked op's three
+# gradients would be stacked into it by a copy (a read and a write of 3 (B, H, N, D) tensors per layer).
+@torch.library.custom_op("pope_lm::pope_attention_packed_fwd", mutates_args=())
+def _packed_fwd_op(qkv: torch.Tensor, delta: torch.Tensor, freqs: torch.Tensor, causal: bool,
+                   sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(*split_qkv(qkv), delta, freqs, causal, sm_scale, 0)
+
+
+@_packed_fwd_op.register_fake
+def _packed_fwd_fake(qkv, delta, freqs, causal, sm_scale):
+    q = split_qkv(qkv)[0]
+    return _empty_output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pope_lm::pope_attention_packed_bwd", mutates_args=())
+def _packed_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, delta: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    ddelta = _backward(dout, *split_qkv(qkv), delta, freqs, out, lse, causal, sm_scale, 0, *split_qkv(dqkv))
+    return dqkv, ddelta
+
+
+@_packed_bwd_op.register_fake
+def _packed_bwd_fake(dout, qkv, delta, freqs, out, lse, causal, sm_scale):
+    return qkv.new_empty(qkv.shape), delta.new_empty(delta.shape)
+
+
+def _packed_setup_context(ctx, inputs, output) -> None:
+    qkv, delta, freqs, ctx.causal, ctx.sm_scale = inputs
+    ctx.save_for_backward(qkv, delta, freqs, *output)
+
+
+def _packed_autograd_backward(ctx, dout, _dlse):
+    return *_packed_bwd_op(dout, *ctx.saved_tensors, ctx.causal, ctx.sm_scale), None, None, None
+
+
+_packed_fwd_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
+
+
+def _checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, sm_scale: float | None,
+             theta: float, q_offset: int) -> tuple[float, torch.Tensor]:
+    """Raises on what the kernels do not take; returns the softmax scale and the frequencies theta_c."""
+    _check_shapes(q, k, v, delta)
+    head_dim = q.shape[-1]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"pope_attention supports head dims {HEAD_DIMS}; got {head_dim}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q_offset < 0 or k.shape[2] == 0:
+        raise ValueError(f"need q_offset >= 0 and at least one key; got {q_offset}, {k.shape[2]} keys")
+    return softmax_scale(head_dim, sm_scale), pope_frequencies(head_dim, float(theta), q.device, torch.float32)
+
+
 def pope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, *,
                    causal: bool = True, sm_scale: float | None = None, theta: float = 10000.0,
                    q_offset: int = 0) -> torch.Tensor:
@@ -708,15 +766,19 @@ def pope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: tor
     keys j > q_offset + i. Returns (B, H, Nq, D) in q's dtype, differentiable in q, k, v and delta.
     Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
     """
-    _check_shapes(q, k, v, delta)
-    head_dim = q.shape[-1]
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"pope_attention supports head dims {HEAD_DIMS}; got {head_dim}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q_offset < 0 or k.shape[2] == 0:
-        raise ValueError(f"need q_offset >= 0 and at least one key; got {q_offset}, {k.shape[2]} keys")
-    sm_scale = softmax_scale(head_dim, sm_scale)
-    freqs = pope_frequencies(head_dim, float(theta), q.device, torch.float32)
+    sm_scale, freqs = _checked(q, k, v, delta, sm_scale, theta, q_offset)
     out, _ = _fwd_op(q, k, v, delta.float(), freqs, causal, sm_scale, int(q_offset))
+    return out
+
+
+def pope_attention_packed(qkv: torch.Tensor, delta: torch.Tensor, *, causal: bool = True,
+                          sm_scale: float | None = None, theta: float = 10000.0) -> torch.Tensor:
+    """`pope_attention` of q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2] (each (B, N, H, D), as (B, H, N, D)) for
+    the projection qkv (B, N, 3, H, D) of self-attention: the gradient comes back as one (B, N, 3, H, D) tensor, the
+    projection's own layout, with no copy to assemble it."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, D); got {tuple(qkv.shape)}")
+    q, k, v = split_qkv(qkv)
+    sm_scale, freqs = _checked(q, k, v, delta, sm_scale, theta, 0)
+    out, _ = _packed_fwd_op(qkv, delta.float(), freqs, causal, sm_scale)
     return out

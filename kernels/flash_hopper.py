@@ -263,6 +263,17 @@ def _rows(X, b, h, stride_b, stride_h, stride_n, r0, n, HEAD_DIM: gl.constexpr, 
 
 
 @gluon.jit
+def _store_rows(X, b, h, stride_b, stride_h, stride_n, r0, n, value, HEAD_DIM: gl.constexpr):
+    """value (64, HEAD_DIM) into rows r0 .. r0+63 of head (b, h) of a (B, H, N, HEAD_DIM) tensor with unit last stride
+    (rows past n left alone): _rows' store."""
+    layout: gl.constexpr = value.type.layout
+    rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    gl.store(X + b.to(gl.int64) * stride_b + h * stride_h + gl.expand_dims(rows, 1) * stride_n + gl.expand_dims(d, 0),
+             value, mask=gl.expand_dims(rows < n, 1))
+
+
+@gluon.jit
 def _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, freqs_ptr,
                 HEAD_DIM: gl.constexpr, layout: gl.constexpr):
     """Queries r0 .. r0+63 of Q (zeros past n_q) in `layout`, and cos, sin of their phases t theta (fp32)."""
@@ -364,10 +375,7 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
     _release_unread(ready, my_tiles, n_tiles, STAGES)
 
     out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_mma)), 1)
-    o_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
-    o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
-    gl.store(Out + b.to(gl.int64) * stride_ob + h * stride_oh + gl.expand_dims(o_rows, 1) * stride_on
-             + gl.expand_dims(o_d, 0), out.to(dtype), mask=gl.expand_dims(o_rows < n_q, 1))
+    _store_rows(Out, b, h, stride_ob, stride_oh, stride_on, r0, n_q, out.to(dtype), HEAD_DIM)
     lse_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
     gl.store(Lse + bh.to(gl.int64) * n_q + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < n_q)
 
@@ -403,7 +411,7 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     """Warpgroup WG's 64 query rows: P and dS recomputed tile by tile, gc = dS kc and gs = dS ks accumulated, then
     dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs) sm_scale (flash.py's _polar_grad); writes dq."""
     (Q, MuQ, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_mb, stride_mh, stride_dob, stride_doh,
-     stride_don, start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s) = rows
+     stride_don, stride_gb, stride_gh, stride_gn, start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s) = rows
     _, _, Freqs, _, b, h, bh, n_k, _, _, _, n_tiles, kc_s, ks_s, v_s, ready = ring
     dtype: gl.constexpr = DQ.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
@@ -449,15 +457,13 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, o_mma)
     x = q.to(gl.float32)
     dq = (cos * gc + sin * gs) * sm_scale / (1.0 + gl.exp2(-x * _LOG2E))  # sigmoid(q) (...)
-    o_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
-    o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
-    gl.store(DQ + gl.expand_dims(bh.to(gl.int64) * n_q + o_rows, 1) * HEAD_DIM + gl.expand_dims(o_d, 0),
-             dq.to(dtype), mask=gl.expand_dims(o_rows < n_q, 1))
+    _store_rows(DQ, b, h, stride_gb, stride_gh, stride_gn, r0, n_q, dq.to(dtype), HEAD_DIM)
 
 
 @gluon.jit
 def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+               stride_gb, stride_gh, stride_gn,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
@@ -471,7 +477,8 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
     do_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
     # mu_q is contiguous
     rows = (Q, MuQ, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
-            stride_dob, stride_doh, stride_don, start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s)
+            stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn, start_m, n_q, q_offset, qk_scale,
+            sm_scale, qc_s, qs_s, do_s)
     gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
                         (_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
                         (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
@@ -583,8 +590,8 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     """Warpgroup WG's 64 keys against the streamed query tiles: P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc
     and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc + sin gs) ln2 and d delta as flash.py's dk/dv pass."""
     (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_vb, stride_vh,
-     stride_vn, n_k, start_n, kc_own, ks_own, v_own) = krows
-    _, _, _, _, Freqs, b, h, bh, _, q_offset, _, _, _, _, lo, n_tiles, _, _, _, _, _, ready, empty = qring
+     stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own, ks_own, v_own) = krows
+    _, _, _, _, Freqs, b, h, _, _, q_offset, _, _, _, _, lo, n_tiles, _, _, _, _, _, ready, empty = qring
     dtype: gl.constexpr = DV.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
@@ -644,15 +651,14 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     # with mu_k (benchmarks/attention_notes.md, session 14)
     ddelta = gl.where(key_ok, _softplus(x) * (gs * cos - gc * sin), 0.0)
     gl.atomic_add(DDelta + h * HEAD_DIM + o_d, gl.sum(ddelta, 0), sem="relaxed")
-    out = gl.expand_dims(bh.to(gl.int64) * n_k + o_keys, 1) * HEAD_DIM + gl.expand_dims(o_d, 0)
-    gl.store(DK + out, dk.to(dtype), mask=key_ok)
-    gl.store(DV + out, dv.to(dtype), mask=key_ok)
+    _store_rows(DK, b, h, stride_gb, stride_gh, stride_gn, k0, n_k, dk.to(dtype), HEAD_DIM)
+    _store_rows(DV, b, h, stride_gb, stride_gh, stride_gn, k0, n_k, dv.to(dtype), HEAD_DIM)
 
 
 @gluon.jit
 def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                 n_heads, n_q, n_k, q_offset, qk_scale,
+                 stride_gb, stride_gh, stride_gn, n_heads, n_q, n_k, q_offset, qk_scale,
                  CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                  STAGED_ROWS: gl.constexpr, MASKED_APART: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                  PRODUCER_REGS: gl.constexpr):
@@ -682,7 +688,8 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
              stride_doh, stride_don, lo, n_tiles, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty)
     # mu_k is contiguous
     krows = (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, n_heads * n_k * HEAD_DIM,
-             n_k * HEAD_DIM, stride_vb, stride_vh, stride_vn, n_k, start_n, kc_own, ks_own, v_own)
+             n_k * HEAD_DIM, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own,
+             ks_own, v_own)
     gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS,
                                           MASKED_APART, 0)),
                         (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, STAGED_ROWS,
@@ -727,12 +734,12 @@ def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Te
             delta: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor, dq: torch.Tensor,
             causal: bool, sm_scale: float, q_offset: int) -> None:
     """flash.py's dq pass: as `forward`'s inputs, plus mu_q = softplus(q) (B, H, Nq, D) contiguous from the backward's
-    prepass, dout (unit last stride), lse and dvec = rowsum(dout * out) (B, H, Nq) contiguous; writes dq (B, H, Nq, D)
-    contiguous."""
+    prepass, dout (unit last stride), lse and dvec = rowsum(dout * out) (B, H, Nq) contiguous; writes dq (B, H, Nq, D,
+    unit last stride)."""
     batch, heads, n_q, head_dim = q.shape
     _dq_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
         q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        heads, n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal,
+        *dq.stride()[:3], heads, n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal,
         **launch_options("dq", head_dim, v.shape[2]))
 
 
@@ -741,9 +748,9 @@ def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.
               dv: torch.Tensor, ddelta: torch.Tensor, causal: bool, qk_scale: float, q_offset: int) -> None:
     """flash.py's dk/dv pass (split dq): mu_q = softplus(q) (B, H, Nq, D) and mu_k = softplus(k) (B, H, Nk, D)
     contiguous from the prepasses, k, v, dout with unit last stride, lse and dvec (B, H, Nq); writes dk, dv (B, H, Nk,
-    D) contiguous and adds d delta to ddelta (H, D) fp32, which must start at zero."""
+    D; unit last stride, the same strides) and adds d delta to ddelta (H, D) fp32, which must start at zero."""
     batch, heads, n_k, head_dim = k.shape
     _dkdv_kernel[(triton.cdiv(n_k, 128), batch * heads)](
         mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *k.stride()[:3], *v.stride()[:3],
-        *dout.stride()[:3], heads, mu_q.shape[2], n_k, q_offset, qk_scale, CAUSAL=causal,
+        *dout.stride()[:3], *dk.stride()[:3], heads, mu_q.shape[2], n_k, q_offset, qk_scale, CAUSAL=causal,
         **launch_options("dkdv", head_dim, n_k))

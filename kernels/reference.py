@@ -42,6 +42,12 @@ def pope_cartesian(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor
     return torch.cat((magnitude * torch.cos(phase), magnitude * torch.sin(phase)), dim=-1)
 
 
+def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, N, D) as views of a self-attention projection qkv (B, N, 3, H, D)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
 def causal_mask(n_q: int, n_k: int, q_offset: int, device: torch.device) -> torch.Tensor:
     """Boolean (n_q, n_k) mask, True where key position j <= query position q_offset + i."""
     q_pos = torch.arange(n_q, device=device)[:, None] + q_offset

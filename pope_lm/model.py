@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pope_lm.config import ModelConfig
-from pope_lm.kernels.reference import causal_mask
+from pope_lm.kernels.reference import causal_mask, split_qkv
 from pope_lm.position import PoPE, build_position
 
 # A layer's cache: the raw (un-rotated) keys and the values of every position seen so far, (B, H, N, D) each.
@@ -33,20 +33,24 @@ class CausalSelfAttention(nn.Module):
         self.position = build_position(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def projection(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw projection of x (B, T, C): (B, T, 3, H, D), q, k and v along dim 2."""
+        b, t, _ = x.shape
+        return self.qkv(x).view(b, t, 3, self.n_head, self.head_dim)
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw q, k, v of x (B, T, C), each (B, H, T, D)."""
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
+        return split_qkv(self.projection(x))
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
         b, t, c = x.shape
-        q, k, v = self.project(x)
-        q_offset = 0
-        if cache is not None:
-            q_offset = cache[0].shape[2]
+        qkv = self.projection(x)
+        q, k, v = split_qkv(qkv)
+        if cache is None:
+            y = self.position.attend_projection(qkv)
+        else:
             k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
-        y = self.position.attend(q, k, v, q_offset=q_offset)
+            y = self.position.attend(q, k, v, q_offset=cache[0].shape[2])
         y = y.transpose(1, 2).reshape(b, t, c)
         return self.dropout(self.out(y)), (k, v)
 

@@ -2,7 +2,8 @@
 
 They share one interface, `attend(q, k, v, q_offset) -> out` with q: (B, H, Nq, D) and k, v: (B, H, Nk, D)
 holding *raw* projections: the query row i sits at position q_offset + i and key row j at position j, so
-a KV cache stores un-rotated keys and decoding passes q_offset = number of cached positions. `scores(q, k,
+a KV cache stores un-rotated keys and decoding passes q_offset = number of cached positions. Without a cache the model
+calls `attend_projection(qkv)` on its (B, T, 3, H, D) projection instead, which PoPE's kernel takes whole. `scores(q, k,
 q_offset)` gives the pre-softmax logits of the same attention, (B, H, Nq, Nk) in fp32 (or wider) and unmasked, for
 diagnostics (GPT.max_attention_logits).
 """
@@ -10,17 +11,29 @@ diagnostics (GPT.max_attention_logits).
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from pope_lm.config import ModelConfig
 from pope_lm.kernels import pope_attention_reference
-from pope_lm.kernels.reference import pope_scores, sdpa, softmax_scale
+from pope_lm.kernels.reference import pope_scores, sdpa, softmax_scale, split_qkv
 from pope_lm.rope_scaling import attention_logit_scale, rope_inverse_frequencies
 
 
-class PoPE(nn.Module):
+class _SelfAttention(nn.Module):
+    """What every position encoding does with a self-attention projection without a cache."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attend_projection(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention of the projection qkv (B, T, 3, H, D): `attend` of its q, k, v."""
+        return self.attend(*split_qkv(qkv))
+
+
+class PoPE(_SelfAttention):
     """Polar coordinate position embedding (arXiv 2509.10534).
 
     Magnitudes softplus(q), softplus(k) carry content; phases t * theta_c (queries) and
@@ -58,17 +71,27 @@ class PoPE(nn.Module):
         return self.delta.float().clamp(self.DELTA_MIN, self.DELTA_MAX)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-        delta = self._delta()
         if use_triton(self.backend, on_cuda=q.is_cuda, head_dim=q.shape[-1], n_keys=k.shape[2]):
-            try:  # imported lazily: only CUDA runs need Triton (an exported HF model may lack pope_lm.kernels)
-                from pope_lm.kernels import pope_attention
-            except ImportError as exc:
-                raise RuntimeError(f"attention_backend={self.backend} needs pope-lm's Triton kernel: {exc}") from exc
-            return pope_attention(q, k, v, delta, causal=True, theta=self.theta, q_offset=q_offset)
-        return pope_attention_reference(q, k, v, delta, causal=True, theta=self.theta, q_offset=q_offset)
+            return self._kernels().pope_attention(q, k, v, self._delta(), causal=True, theta=self.theta,
+                                                  q_offset=q_offset)
+        return pope_attention_reference(q, k, v, self._delta(), causal=True, theta=self.theta, q_offset=q_offset)
+
+    def attend_projection(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = split_qkv(qkv)
+        if use_triton(self.backend, on_cuda=qkv.is_cuda, head_dim=qkv.shape[-1], n_keys=qkv.shape[1]):
+            # the gradient of qkv comes back in its own layout (no copy to stack dq, dk, dv)
+            return self._kernels().pope_attention_packed(qkv, self._delta(), causal=True, theta=self.theta)
+        return self.attend(q, k, v)
+
+    def _kernels(self) -> ModuleType:
+        try:  # imported lazily: only CUDA runs need Triton (an exported HF model may lack pope_lm.kernels)
+            from pope_lm import kernels
+        except ImportError as exc:
+            raise RuntimeError(f"attention_backend={self.backend} needs pope-lm's Triton kernel: {exc}") from exc
+        return kernels
 
 
-class RoPE(nn.Module):
+class RoPE(_SelfAttention):
     """Rotary position embedding (half-split pairs, as in GPT-NeoX and Llama), the paper's baseline.
 
     Pair (x_i, x_{i + D/2}) is rotated by angle position * base^(-2i/D). A context-extension method
@@ -115,7 +138,7 @@ class RoPE(nn.Module):
         return sdpa(q, k, v, causal=True, scale=self._scale(), q_offset=q_offset)
 
 
-class NoPosition(nn.Module):
+class NoPosition(_SelfAttention):
     """No position information (NoPE): causal masking alone orders the tokens."""
 
     def __init__(self, head_dim: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pope_lm.kernels import flash, pope_attention, pope_attention_reference
+from pope_lm.kernels import flash, pope_attention, pope_attention_packed, pope_attention_reference
 from pope_lm.kernels.reference import pope_frequencies, pope_scores
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
@@ -227,6 +227,28 @@ def test_output_is_laid_out_by_position_so_that_merging_heads_copies_nothing():
     _check_against_reference(q, k, v, delta, dout.transpose(1, 2).contiguous().transpose(1, 2), causal=True)
 
 
+def test_packed_projection_matches_reference_and_returns_its_gradient_in_one_tensor():
+    b, n, h, d = 2, 21, 3, 32
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(b, n, 3, h, d, generator=g, requires_grad=True)
+    delta = (-2 * math.pi * torch.rand(h, d, generator=g)).requires_grad_()
+    dout = torch.randn(b, h, n, d, generator=g)
+    out = pope_attention_packed(qkv, delta)
+    out.backward(dout)
+    ref_qkv = qkv.detach().double().requires_grad_()
+    ref_delta = delta.detach().double().requires_grad_()
+    ref = pope_attention_reference(*ref_qkv.permute(2, 0, 3, 1, 4), ref_delta)
+    ref.backward(dout.double())
+    assert _rel_err(out, ref) < TOL[torch.float32]
+    assert qkv.grad.is_contiguous() and _rel_err(qkv.grad, ref_qkv.grad) < TOL[torch.float32]
+    assert _rel_err(delta.grad, ref_delta.grad) < TOL[torch.float32]
+
+
+def test_packed_projection_of_the_wrong_shape_is_rejected():
+    with pytest.raises(ValueError, match=r"\(B, N, 3, H, D\)"):
+        pope_attention_packed(torch.randn(2, 8, 2, 2, 32), torch.zeros(2, 32))
+
+
 def test_compiles_without_graph_break():
     q, k, v, delta, _ = _inputs(1, 2, 20, 20, 32, torch.float32, seed=6)
     delta.requires_grad_()
@@ -248,6 +270,13 @@ def test_custom_ops_pass_opcheck():
     out, lse = torch.ops.pope_lm.pope_attention_fwd(*fwd_args)
     bwd_args = (dout, q.detach(), k, v, delta, freqs, out.detach(), lse, True, 0.2, 0)
     torch.library.opcheck(torch.ops.pope_lm.pope_attention_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    qkv = torch.stack((q.detach(), k, v)).permute(1, 3, 0, 2, 4).contiguous().requires_grad_()  # (B, N, 3, H, D)
+    packed_args = (qkv, delta, freqs, True, 0.2)
+    torch.library.opcheck(torch.ops.pope_lm.pope_attention_packed_fwd.default, packed_args)
+    out, lse = torch.ops.pope_lm.pope_attention_packed_fwd(*packed_args)
+    torch.library.opcheck(torch.ops.pope_lm.pope_attention_packed_bwd.default,
+                          (dout, qkv.detach(), delta, freqs, out.detach(), lse, True, 0.2),
                           test_utils=("test_schema", "test_faketensor"))
 
 
