@@ -354,7 +354,7 @@ def kernel_profile(case: Case) -> None:
 
 def kernel_resources() -> None:
     """Registers, spills and shared memory of every compiled variant of our kernels (compiler report)."""
-    for fn in (flash._fwd_kernel, flash._dq_kernel, flash._dkdv_kernel, flash._prepass_kernel,
+    for fn in (flash._fwd_kernel, flash._dq_kernel, flash._dkdv_kernel, flash._softplus_kernel, flash._dvec_kernel,
                flash._dq_finish_kernel):
         try:
             for entry in fn.device_caches.values():

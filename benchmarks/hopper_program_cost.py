@@ -46,15 +46,16 @@ def pass_times(b: int, h: int, n: int, hopper=flash.flash_hopper, peers: bool = 
     ddelta = torch.zeros(h, HEAD_DIM, device="cuda")
     mu_k = flash._magnitudes(k)
     hopper.forward(q, mu_k, v, freqs, delta, out, lse, True, qk_scale, 0)
-    mu_q = flash._magnitudes(q, out, dout, dvec)
+    mu_q = flash._magnitudes(q)
+    hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq, True, sm_scale, 0)  # dvec for dk/dv
     cases = {
         "fwd": lambda: hopper.forward(q, mu_k, v, freqs, delta, out, lse, True, qk_scale, 0),
-        "dq": lambda: hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, True, sm_scale, 0),
+        "dq": lambda: hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq, True, sm_scale, 0),
         "dkdv": lambda: hopper.dkdv_pass(mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, True,
                                          qk_scale, 0),
     }
     if peers:
-        cases |= {"prepass_k": lambda: flash._magnitudes(k), "prepass_q": lambda: flash._magnitudes(q, out, dout, dvec)}
+        cases |= {"prepass_k": lambda: flash._magnitudes(k), "prepass_q": lambda: flash._magnitudes(q)}
     times = {name: 1e3 * triton.testing.do_bench_cudagraph(fn) for name, fn in cases.items()}
     if not peers:
         return times

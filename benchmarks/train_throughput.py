@@ -138,7 +138,7 @@ def time_bare_loop(model: nn.Module, batches: list[torch.Tensor], warmup: int, s
 
 # Kernel-name patterns of the step's parts, first match wins (Gluon/Triton PoPE kernels keep their Python names)
 KERNEL_GROUPS = (
-    ("pope attention", re.compile(r"_fwd_kernel|_dq_kernel|_dkdv_kernel|_prepass_kernel|_dq_finish_kernel")),
+    ("pope attention", re.compile(r"_(fwd|dq|dkdv|softplus|dvec|dq_finish)_kernel")),
     ("sdpa attention", re.compile(r"cudnn|fmha|flash|attention", re.IGNORECASE)),
     ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|sm90_", re.IGNORECASE)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach|norm_kernel", re.IGNORECASE)),

@@ -176,7 +176,7 @@ def _store_rows(base, rows, row_ok, stride, d, value):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Elementwise passes over rows: the streamed side's magnitudes (and D = rowsum(dO O)); dq's last step
+# Elementwise passes over rows: the streamed side's magnitudes; D = rowsum(dO O) for the fused dq; dq's last step
 
 
 @triton.jit
@@ -189,11 +189,9 @@ def _row_block(n_heads, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _prepass_kernel(X, Mu, Out, DO, Dvec,
-                    stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_on,
-                    stride_dob, stride_doh, stride_don, n_heads, n_rows,
-                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, WITH_DVEC: tl.constexpr):
-    """Mu = softplus(X) in X's dtype, (B, H, N, D) contiguous; with WITH_DVEC also Dvec = rowsum(DO * Out).
+def _softplus_kernel(X, Mu, stride_xb, stride_xh, stride_xn, n_heads, n_rows,
+                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Mu = softplus(X) in X's dtype, (B, H, N, D) contiguous.
 
     The streamed side of every loop reads Mu instead of X: its softplus (two SFU ops per element) is then
     paid once instead of once per stationary block.
@@ -202,10 +200,16 @@ def _prepass_kernel(X, Mu, Out, DO, Dvec,
     x = _load_rows(X + b.to(tl.int64) * stride_xb + h * stride_xh, rows, row_ok, stride_xn, d)
     tl.store(Mu + o_rows[:, None] * HEAD_DIM + d[None, :], _softplus(x.to(tl.float32)).to(x.dtype),
              mask=row_ok[:, None])
-    if WITH_DVEC:
-        out = _load_rows(Out + b.to(tl.int64) * stride_ob + h * stride_oh, rows, row_ok, stride_on, d)
-        do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, row_ok, stride_don, d)
-        tl.store(Dvec + o_rows, tl.sum(out.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+
+
+@triton.jit
+def _dvec_kernel(Out, DO, Dvec, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, n_heads, n_rows,
+                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Dvec = rowsum(DO * Out) (B, H, N) contiguous, for the fused dq pass (the dq pass computes it otherwise)."""
+    _, b, h, rows, row_ok, d, o_rows = _row_block(n_heads, n_rows, HEAD_DIM, BLOCK)
+    out = _load_rows(Out + b.to(tl.int64) * stride_ob + h * stride_oh, rows, row_ok, stride_on, d)
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, row_ok, stride_don, d)
+    tl.store(Dvec + o_rows, tl.sum(out.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
 
 
 @triton.jit
@@ -347,9 +351,10 @@ def _dq_inner(gc, gs, qc, qs, do, lse, dvec, mu_base, v_base, stride_vn, freqs, 
 
 
 @triton.jit
-def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
+def _dq_kernel(Q, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
-               stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
+               stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+               stride_gb, stride_gh, stride_gn,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -359,7 +364,9 @@ def _dq_kernel(Q, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
     o_rows = bh.to(tl.int64) * n_q + rows
 
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, row_ok, stride_don, d)
-    dvec = tl.load(Dvec + o_rows, mask=row_ok, other=0.0)
+    out = _load_rows(Out + b.to(tl.int64) * stride_ob + h * stride_oh, rows, row_ok, stride_on, d)
+    dvec = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(Dvec + o_rows, dvec, mask=row_ok)  # for the dk/dv pass, which runs next
     lse = tl.load(Lse + o_rows, mask=row_ok, other=float("inf"))  # padded rows: P = 0
 
     mu_base = MuK + bh.to(tl.int64) * n_k * HEAD_DIM
@@ -557,16 +564,12 @@ def _launch(name: str, tuned, kernel, grid_rows: int, bh: int, *args, **constexp
         tuned[lambda meta: (triton.cdiv(grid_rows, meta[meta_block]), bh)](*args, **constexprs)
 
 
-def _magnitudes(x: torch.Tensor, out=None, dout=None, dvec=None) -> torch.Tensor:
-    """softplus(x) in x's dtype, (B, H, N, D) contiguous; with out, dout also fills dvec = rowsum(dout * out)."""
+def _magnitudes(x: torch.Tensor) -> torch.Tensor:
+    """softplus(x) in x's dtype, (B, H, N, D) contiguous."""
     batch, heads, n, head_dim = x.shape
     mu = torch.empty((batch, heads, n, head_dim), device=x.device, dtype=x.dtype)
-    with_dvec = dvec is not None
-    o_strides, do_strides = (_row_strides(out), _row_strides(dout)) if with_dvec else ((0, 0, 0), (0, 0, 0))
-    _prepass_kernel[(triton.cdiv(n, _ROW_BLOCK), batch * heads)](
-        x, mu, out if with_dvec else x, dout if with_dvec else x, dvec if with_dvec else mu,
-        *_row_strides(x), *o_strides, *do_strides, heads, n, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK,
-        WITH_DVEC=with_dvec)
+    _softplus_kernel[(triton.cdiv(n, _ROW_BLOCK), batch * heads)](
+        x, mu, *_row_strides(x), heads, n, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK)
     return mu
 
 
@@ -627,21 +630,24 @@ def _backward(dout, q, k, v, delta, freqs, out, lse, causal, sm_scale, q_offset,
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype))
     dvec = torch.empty_like(lse)  # D = rowsum(dO * O)
     ddelta = torch.zeros((heads, head_dim), device=q.device, dtype=torch.float32)
-    mu_q = _magnitudes(q, out, dout, dvec)  # the streamed queries' softplus for the dk/dv pass, and D
+    mu_q = _magnitudes(q)  # the streamed queries' softplus for the dk/dv pass
     if split:
         # the streamed keys' softplus for the dq pass, again (the backward keeps only q, k, v, out and lse, as
         # FlashAttention-2 does); the Hopper passes also build their stationary rows from mu_q and mu_k (no softplus in
-        # their prologues)
+        # their prologues). The dq pass writes D for the dk/dv pass, which runs after it.
         mu_k = _magnitudes(k)
         if _on_hopper("dq", q, causal):
-            flash_hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, causal, sm_scale, q_offset)
+            flash_hopper.dq_pass(q, mu_q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq, causal, sm_scale,
+                                 q_offset)
         else:
             _launch("dq", _dq_tuned, _dq_kernel, n_q, bh,
-                    q, mu_k, v, freqs, delta, dout, lse, dvec, dq,
-                    *_row_strides(q), *_row_strides(v), *_row_strides(dout), *_row_strides(dq),
+                    q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq,
+                    *_row_strides(q), *_row_strides(v), *_row_strides(out), *_row_strides(dout), *_row_strides(dq),
                     heads, n_q, n_k, q_offset, sm_scale, qk_scale, **constexprs)
         dq_acc = ddelta.new_zeros(1)  # unused
     else:
+        _dvec_kernel[(triton.cdiv(n_q, _ROW_BLOCK), bh)](
+            out, dout, dvec, *_row_strides(out), *_row_strides(dout), heads, n_q, HEAD_DIM=head_dim, BLOCK=_ROW_BLOCK)
         dq_acc = torch.zeros((batch, heads, n_q, head_dim), device=q.device, dtype=torch.float32)
     if split and _on_hopper("dkdv", q, causal):
         flash_hopper.dkdv_pass(mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, causal, qk_scale,

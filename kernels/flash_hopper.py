@@ -408,10 +408,12 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
 @gluon.jit
 def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, WG: gl.constexpr):
-    """Warpgroup WG's 64 query rows: P and dS recomputed tile by tile, gc = dS kc and gs = dS ks accumulated, then
-    dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs) sm_scale (flash.py's _polar_grad); writes dq."""
-    (Q, MuQ, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_mb, stride_mh, stride_dob, stride_doh,
-     stride_don, stride_gb, stride_gh, stride_gn, start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s) = rows
+    """Warpgroup WG's 64 query rows: D = rowsum(dO O) (written for the dk/dv pass, which runs next), then P and dS
+    recomputed tile by tile, gc = dS kc and gs = dS ks accumulated, and dq = sigmoid(q) (cos(t theta) gc +
+    sin(t theta) gs) sm_scale (flash.py's _polar_grad); writes D and dq."""
+    (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_mb, stride_mh, stride_ob, stride_oh,
+     stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn, start_m, n_q, q_offset, qk_scale,
+     sm_scale, qc_s, qs_s, do_s) = rows
     _, _, Freqs, _, b, h, bh, n_k, _, _, _, n_tiles, kc_s, ks_s, v_s, ready = ring
     dtype: gl.constexpr = DQ.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
@@ -426,12 +428,17 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     # from the backward pre-pass's magnitudes (the values the forward rounded): no softplus here
     _stage_query_halves(MuQ, b, h, stride_mb, stride_mh, HEAD_DIM, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
                         False)
-    do.store(_rows(DO, b, h, stride_dob, stride_doh, stride_don, r0, n_q, HEAD_DIM, blocked))
+    do_rows = _rows(DO, b, h, stride_dob, stride_doh, stride_don, r0, n_q, HEAD_DIM, blocked)
+    do.store(do_rows)
     fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
+    out = _rows(Out, b, h, stride_ob, stride_oh, stride_on, r0, n_q, HEAD_DIM, blocked)
+    dvec = gl.sum(do_rows.to(gl.float32) * out.to(gl.float32), 1)  # zero past n_q
+    d_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, blocked))
+    gl.store(Dvec + bh.to(gl.int64) * n_q + d_rows, dvec, mask=d_rows < n_q)
+    dvec = gl.convert_layout(dvec, gl.SliceLayout(1, s_mma))
     _barrier()
     s_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
     lse = gl.load(Lse + bh.to(gl.int64) * n_q + s_rows, mask=s_rows < n_q, other=float("inf"))  # padded rows: P = 0
-    dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + s_rows, mask=s_rows < n_q, other=0.0)
 
     my_tiles, full = _key_range(r0, n_k, q_offset, CAUSAL, BLOCK_N)
     q_pos = q_offset + s_rows
@@ -461,9 +468,9 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
 
 
 @gluon.jit
-def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
-               stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-               stride_gb, stride_gh, stride_gn,
+def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
+               stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+               stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
                n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
@@ -476,8 +483,9 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, DO, Lse, Dvec, DQ,
     qs_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
     do_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
     # mu_q is contiguous
-    rows = (Q, MuQ, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
-            stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn, start_m, n_q, q_offset, qk_scale,
+    rows = (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
+            stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
+            start_m, n_q, q_offset, qk_scale,
             sm_scale, qc_s, qs_s, do_s)
     gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
                         (_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
@@ -731,15 +739,16 @@ def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.T
 
 
 def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
-            delta: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor, dq: torch.Tensor,
-            causal: bool, sm_scale: float, q_offset: int) -> None:
+            delta: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, dvec: torch.Tensor,
+            dq: torch.Tensor, causal: bool, sm_scale: float, q_offset: int) -> None:
     """flash.py's dq pass: as `forward`'s inputs, plus mu_q = softplus(q) (B, H, Nq, D) contiguous from the backward's
-    prepass, dout (unit last stride), lse and dvec = rowsum(dout * out) (B, H, Nq) contiguous; writes dq (B, H, Nq, D,
-    unit last stride)."""
+    prepass, out and dout (unit last stride) and lse (B, H, Nq); writes dvec = rowsum(dout * out) (B, H, Nq)
+    contiguous, which the dk/dv pass reads, and dq (B, H, Nq, D, unit last stride)."""
     batch, heads, n_q, head_dim = q.shape
     _dq_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
-        q, mu_q, mu_k, v, freqs, delta, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *dq.stride()[:3], heads, n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal,
+        q, mu_q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *dout.stride()[:3], *dq.stride()[:3], heads, n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e),
+        CAUSAL=causal,
         **launch_options("dq", head_dim, v.shape[2]))
 
 

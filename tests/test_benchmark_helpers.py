@@ -29,7 +29,7 @@ def _kernel(name: str, us: float, device_type=torch.autograd.DeviceType.CUDA) ->
 
 def test_kernel_profile_sums_each_steps_gpu_time_by_part_and_lists_the_largest_kernels(capsys) -> None:
     profile = _load("train_throughput").print_kernel_profile
-    events = [_kernel("_dkdv_kernel", 800.0), _kernel("_dkdv_kernel", 800.0), _kernel("_prepass_kernel", 100.0),
+    events = [_kernel("_dkdv_kernel", 800.0), _kernel("_dkdv_kernel", 800.0), _kernel("_softplus_kernel", 100.0),
               _kernel("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 3000.0),
               _kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 500.0),
               _kernel("triton_poi_fused_gelu_4", 200.0), _kernel("multi_tensor_apply_kernel<FusedOptimizer>", 400.0),
