@@ -77,11 +77,10 @@ class PoPE(_SelfAttention):
         return pope_attention_reference(q, k, v, self._delta(), causal=True, theta=self.theta, q_offset=q_offset)
 
     def attend_projection(self, qkv: torch.Tensor) -> torch.Tensor:
-        q, k, v = split_qkv(qkv)
         if use_triton(self.backend, on_cuda=qkv.is_cuda, head_dim=qkv.shape[-1], n_keys=qkv.shape[1]):
             # the gradient of qkv comes back in its own layout (no copy to stack dq, dk, dv)
             return self._kernels().pope_attention_packed(qkv, self._delta(), causal=True, theta=self.theta)
-        return self.attend(q, k, v)
+        return super().attend_projection(qkv)
 
     def _kernels(self) -> ModuleType:
         try:  # imported lazily: only CUDA runs need Triton (an exported HF model may lack pope_lm.kernels)
