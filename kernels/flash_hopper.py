@@ -485,8 +485,7 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
     # mu_q is contiguous
     rows = (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
             stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
-            start_m, n_q, q_offset, qk_scale,
-            sm_scale, qc_s, qs_s, do_s)
+            start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s)
     gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
                         (_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
                         (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
@@ -748,8 +747,7 @@ def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Te
     _dq_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
         q, mu_q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *dout.stride()[:3], *dq.stride()[:3], heads, n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e),
-        CAUSAL=causal,
-        **launch_options("dq", head_dim, v.shape[2]))
+        CAUSAL=causal, **launch_options("dq", head_dim, v.shape[2]))
 
 
 def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
