@@ -6,7 +6,8 @@ this script is its numerical test on an H100:
    D = 32 and 64) the relative errors of out, dq, dk, dv and d delta against the float64 reference, for the Triton
    kernels (POPE_LM_GLUON=0) and the Gluon ones side by side: a Gluon row must match the Triton row to the printed
    digit, since both build the same halves and differ only in summation order; then PACKED_CASES, whose q, k and
-   v are views of one projection, as the model passes them;
+   v are views of one projection, as the model passes them (--long-only: only the cases with LONG_KEYS keys or more,
+   --packed-only: only PACKED_CASES);
 2. forward+backward time replayed from a CUDA graph at TIMED shapes for the Triton kernels, this checkout's Gluon
    kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g. `git show
    HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first each Gluon
@@ -14,14 +15,14 @@ this script is its numerical test on an H100:
 
     python3 benchmarks/hopper_check.py --revision old.py     # on the device machine, from the repository root
 
-The checks take ~4 minutes on an H100, mostly the Triton kernels' autotuning at every new shape.
+The checks take about 6 minutes on a fresh H100 machine (session 19: 20 of the 21 unpacked cases in 330 s), mostly
+the Triton kernels' autotuning at every new shape; --long-only takes about 1.5 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention import THETA, kernels, rel_errors  # this checkout's kernels, installed or not
-from hopper_program_cost import pass_times
+from hopper_program_cost import load_revision, pass_times
 
 flash = kernels.flash
 # (head dim, B, H, Nq, Nk, q_offset, causal, dtype, scale of q and k)
@@ -76,13 +77,6 @@ def hopper_kernels(module):
             os.environ.pop("POPE_LM_GLUON")
         else:
             os.environ["POPE_LM_GLUON"] = saved_env
-
-
-def load_revision(path: Path):
-    spec = importlib.util.spec_from_file_location(f"flash_hopper_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # Gluon reads the kernels' source from the file
-    return module
 
 
 def inputs(d, b, h, n_q, n_k, dtype, scale, seed=0, packed=False):
@@ -163,6 +157,8 @@ def main() -> None:
                         help="other revisions' kernels/flash_hopper.py, each timed under its file name")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="timings only")
     parser.add_argument("--no-timings", dest="timings", action="store_false", help="checks only")
+    parser.add_argument("--long-only", action="store_true",
+                        help="check only the cases with flash_hopper.LONG_KEYS keys or more (its long configurations)")
     parser.add_argument("--packed-only", action="store_true",
                         help="check only the cases whose q, k and v are views of one projection (and the packed op)")
     parser.add_argument("--no-triton-timings", dest="triton_timings", action="store_false",
@@ -176,9 +172,12 @@ def main() -> None:
         variants[path.stem] = load_revision(path)
     if args.checks:  # this checkout's kernels; the revisions are timed only
         checked = {name: variants[name] for name in ("triton", "gluon")}
-        if not args.packed_only:
-            check(CASES, checked)
-        check(PACKED_CASES, checked, packed=True)
+        if args.long_only:
+            check([case for case in CASES if case[4] >= flash.flash_hopper.LONG_KEYS], checked)
+        else:
+            if not args.packed_only:
+                check(CASES, checked)
+            check(PACKED_CASES, checked, packed=True)
     if args.timings:
         time_passes([tuple(int(x) for x in shape.split(",")) for shape in args.pass_shapes], variants)
         time_fwd_bwd(TIMED, variants if args.triton_timings else {k: v for k, v in variants.items() if v is not None})

@@ -9,10 +9,13 @@ per-program part is, i.e. what a persistent kernel or a cheaper prologue and epi
 pre-passes and cuDNN's forward (no rotation) are timed alongside. CUDA-graph medians.
 
     python3 benchmarks/hopper_program_cost.py     # on the device machine, from the repository root
+    python3 benchmarks/hopper_program_cost.py --revision old.py   # and another revision's flash_hopper.py beside it
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -65,6 +68,15 @@ def pass_times(b: int, h: int, n: int, hopper=flash.flash_hopper, peers: bool = 
     return times
 
 
+def load_revision(path: Path):
+    """Another revision's kernels/flash_hopper.py as a module of its own (its passes must take this checkout's
+    arguments)."""
+    spec = importlib.util.spec_from_file_location(f"flash_hopper_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # Gluon reads the kernels' source from the file
+    return module
+
+
 def tiles(n: int) -> dict[str, int]:
     """Streamed tiles of all programs of one head, as the kernels count them (causal, 128 stationary rows)."""
     blocks = triton.cdiv(n, 128)
@@ -73,23 +85,36 @@ def tiles(n: int) -> dict[str, int]:
     return {"fwd": forward, "dq": forward, "dkdv": dkdv, "programs": blocks}
 
 
+def fit(name: str, rows: list[tuple[dict[str, int], dict[str, float]]], sms: int) -> str:
+    """Pass `name`'s per-tile and per-program costs, least squares over the shapes' (counts, times) rows."""
+    design = np.array([[c[name] / sms, c["programs"] / sms] for c, _ in rows], dtype=float)
+    measured = np.array([t[name] for _, t in rows])
+    (c_tile, c_fixed), *_ = np.linalg.lstsq(design, measured, rcond=None)
+    residuals = design @ np.array([c_tile, c_fixed]) - measured
+    share = rows[0][0]["programs"] / sms * c_fixed / measured[0]
+    return (f"{name}: per tile {c_tile:.3f} us, per program {c_fixed:.2f} us; fit residuals "
+            + " ".join(f"{r:+.1f}" for r in residuals) + f"; per-program share at N = {SHAPES[0][2]}: {share:.0%}")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--revision", type=Path, nargs="*", default=[],
+                        help="other revisions' kernels/flash_hopper.py, timed and fitted beside this checkout's")
+    args = parser.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    rows = []
-    for b, h, n in SHAPES:
-        times, counts = pass_times(b, h, n), {name: b * h * c for name, c in tiles(n).items()}
-        rows.append((counts, times))
-        print(f"BH={b * h:4} N={n:5} programs={counts['programs']:5} "
-              + " ".join(f"{name}={us:8.1f}us" for name, us in times.items()), flush=True)
-    for name in ("fwd", "dq", "dkdv"):
-        design = np.array([[c[name] / sms, c["programs"] / sms] for c, _ in rows], dtype=float)
-        measured = np.array([t[name] for _, t in rows])
-        (c_tile, c_fixed), *_ = np.linalg.lstsq(design, measured, rcond=None)
-        residuals = design @ np.array([c_tile, c_fixed]) - measured
-        share = rows[0][0]["programs"] / sms * c_fixed / measured[0]
-        print(f"{name}: per tile {c_tile:.3f} us, per program {c_fixed:.2f} us; fit residuals "
-              + " ".join(f"{r:+.1f}" for r in residuals) + f"; per-program share at N = {SHAPES[0][2]}: {share:.0%}")
+    variants = {"this checkout": flash.flash_hopper} | {path.stem: load_revision(path) for path in args.revision}
+    rows: dict[str, list] = {name: [] for name in variants}
+    for b, h, n in SHAPES:  # the variants side by side at each shape
+        counts = {name: b * h * c for name, c in tiles(n).items()}
+        for i, (name, hopper) in enumerate(variants.items()):
+            times = pass_times(b, h, n, hopper, peers=i == 0)
+            rows[name].append((counts, times))
+            print(f"{name}: BH={b * h:4} N={n:5} programs={counts['programs']:5} "
+                  + " ".join(f"{p}={us:8.1f}us" for p, us in times.items()), flush=True)
+    for name in variants:
+        for kernel in ("fwd", "dq", "dkdv"):
+            print(f"{name}: {fit(kernel, rows[name], sms)}")
 
 
 if __name__ == "__main__":

@@ -166,19 +166,37 @@ def print_kernel_profile(events: list, steps: int, step_seconds: float, top: int
 
 
 class _StepTimer(L.Callback):
-    """Wall time of the optimizer steps after `warmup`, synchronized at both ends."""
+    """Wall time of `steps` optimizer steps after `warmup`, synchronized at both ends; then, with `profile_steps`, where
+    that many more steps spent their GPU time (`print_kernel_profile`), as `time_bare_loop` does."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, steps: int, profile_steps: int = 0) -> None:
+        self.warmup, self.steps, self.profile_steps = warmup, steps, profile_steps
         self.start = 0.0
         self.end = 0.0
+        self._profiler: torch.profiler.profile | None = None
+
+    @property
+    def seconds_per_step(self) -> float:
+        return (self.end - self.start) / self.steps
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.warmup:
             _sync(trainer.strategy.root_device)
             self.start = time.perf_counter()
+        elif trainer.global_step == self.warmup + self.steps:  # only reached with profile_steps
+            self._stop_clock(trainer)
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self._profiler.__enter__()
 
     def on_train_end(self, trainer: L.Trainer, *args: object) -> None:
+        if self._profiler is None:
+            self._stop_clock(trainer)
+            return
+        _sync(trainer.strategy.root_device)
+        self._profiler.__exit__(None, None, None)
+        print_kernel_profile(self._profiler.events(), self.profile_steps, self.seconds_per_step)
+
+    def _stop_clock(self, trainer: L.Trainer) -> None:
         _sync(trainer.strategy.root_device)
         self.end = time.perf_counter()
 
@@ -220,24 +238,26 @@ class _SyncProbe(L.Callback):
 
 
 def time_lightning(cfg: RunConfig, batches: list[torch.Tensor], warmup: int, steps: int,
-                   device: torch.device) -> float:
-    """Seconds per optimizer step of the pope-lm LightningModule under a Lightning Trainer."""
+                   device: torch.device, profile_steps: int = 0) -> float:
+    """Seconds per optimizer step of the pope-lm LightningModule under a Lightning Trainer; with profile_steps, then
+    prints where that many more steps spent their GPU time."""
     module = LitGPT(cfg)
     if device.type == "cuda":
         module.model = torch.compile(module.model, mode=cfg.trainer.compile_mode)  # type: ignore[assignment]
-    timer = _StepTimer(warmup)
+    profile_steps = profile_steps if device.type == "cuda" else 0
+    timer = _StepTimer(warmup, steps, profile_steps)
     callbacks: list[L.Callback] = [timer]
     if device.type == "cuda" and warmup >= 4:
         callbacks.append(_SyncProbe(warmup - 3, warmup - 1))
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
-        max_steps=warmup + steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=warmup + steps + profile_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
     )
-    loader = torch.utils.data.DataLoader(_Repeat(batches, warmup + steps), batch_size=None)
+    loader = torch.utils.data.DataLoader(_Repeat(batches, warmup + steps + profile_steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
-    return (timer.end - timer.start) / steps
+    return timer.seconds_per_step
 
 
 class _Repeat(torch.utils.data.IterableDataset):
@@ -294,8 +314,8 @@ def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps
         if variant == "pope-lightning":
             flops = GPT(cfg.model).flops_per_token(seq_len)
             results.append(measure(name, variant, cfg, micro_batch,
-                                   lambda: time_lightning(lit_cfg, batches, warmup, steps, device), flops, device,
-                                   peak))
+                                   lambda: time_lightning(lit_cfg, batches, warmup, steps, device, profile_steps),
+                                   flops, device, peak))
             continue
         model = builds[variant]()
         flops = model.flops_per_token(seq_len)  # type: ignore[operator]
@@ -332,8 +352,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="which of the cases to time, in this order")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="after timing each bare-loop variant, profile this many more steps and print their GPU "
-                             "time by part and by kernel")
+                        help="after timing each variant, profile this many more steps and print their GPU time by "
+                             "part and by kernel")
     parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead"),
                         help="torch.compile's mode for every variant, the nanoGPT peer's too (reduce-overhead: each "
                              "step's forward and backward replayed as CUDA graphs)")

@@ -1,6 +1,7 @@
-"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary,
-hopper_check.py's switch between this checkout's Hopper kernels, a revision's and Triton's, the tile counts
-hopper_program_cost.py fits its per-program cost with, and ncu_source_summary.py's reading of ncu's source page."""
+"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary and the
+Lightning variant's step clock, hopper_check.py's switch between this checkout's Hopper kernels, a revision's and
+Triton's, the tile counts and the fit of hopper_program_cost.py's per-program cost, and ncu_source_summary.py's
+reading of ncu's source page."""
 
 from __future__ import annotations
 
@@ -43,6 +44,36 @@ def test_kernel_profile_sums_each_steps_gpu_time_by_part_and_lists_the_largest_k
     assert "0.800 ms     1 x  _dkdv_kernel" in second
 
 
+def test_lightning_step_clock_stops_before_the_profiled_steps_start(monkeypatch) -> None:
+    throughput = _load("train_throughput")
+    profiled: list[str] = []
+
+    class Profiler:  # stands in for torch.profiler.profile, which needs a GPU here
+        def __init__(self, activities: list) -> None:
+            profiled.append("created")
+
+        def __enter__(self) -> Profiler:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            profiled.append("stopped")
+
+        def events(self) -> list:
+            return []
+
+    monkeypatch.setattr(throughput.torch.profiler, "profile", Profiler)
+    clock = iter([10.0, 14.0, 99.0])
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
+    timer = throughput._StepTimer(warmup=2, steps=4, profile_steps=3)
+    trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    for step in range(2 + 4 + 3):
+        trainer.global_step = step
+        timer.on_train_batch_start(trainer)
+    timer.on_train_end(trainer)
+    assert (timer.start, timer.end, timer.seconds_per_step) == (10.0, 14.0, 1.0)  # the profiled steps are not timed
+    assert profiled == ["created", "stopped"]
+
+
 def test_hopper_check_routes_attention_through_a_revisions_kernels_then_restores_the_checkouts(
         monkeypatch) -> None:
     check = _load("hopper_check")
@@ -63,6 +94,21 @@ def test_program_cost_counts_the_streamed_tiles_each_causal_pass_runs() -> None:
     # 8 programs of 128 rows: the forward's stream 2, 4, .., 16 key tiles of 64; dk/dv's 32, 28, .., 4 query tiles of 32
     assert tiles(1024) == {"fwd": 72, "dq": 72, "dkdv": 144, "programs": 8}
     assert tiles(200) == {"fwd": 2 + 4, "dq": 6, "dkdv": 7 + 3, "programs": 2}  # the last block is cut at N
+
+
+def test_program_cost_fit_recovers_the_per_tile_and_per_program_cost() -> None:
+    cost = _load("hopper_program_cost")
+    sms, c_tile, c_fixed = 4, 1.5, 3.0
+    rows = []
+    for n in (1024, 2048, 4096):
+        counts = {name: 6 * c for name, c in cost.tiles(n).items()}
+        rows.append((counts, {"fwd": (counts["fwd"] * c_tile + counts["programs"] * c_fixed) / sms}))
+    line = cost.fit("fwd", rows, sms)
+    assert line.startswith("fwd: per tile 1.500 us, per program 3.00 us; fit residuals ")
+    residuals = line.split("fit residuals ")[1].split(";")[0].split()
+    assert [abs(float(r)) for r in residuals] == [0.0, 0.0, 0.0]
+    share = 6 * 8 / sms * c_fixed / rows[0][1]["fwd"]  # the programs' part of the first shape's time
+    assert line.endswith(f"per-program share at N = {cost.SHAPES[0][2]}: {share:.0%}")
 
 
 # two kernels as `ncu --page source --csv` prints them (columns cut to those the summary reads, one stall reason)
