@@ -157,9 +157,10 @@ def main() -> None:
                         help="other revisions' kernels/flash_hopper.py, each timed under its file name")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="timings only")
     parser.add_argument("--no-timings", dest="timings", action="store_false", help="checks only")
-    parser.add_argument("--long-only", action="store_true",
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument("--long-only", action="store_true",
                         help="check only the cases with flash_hopper.LONG_KEYS keys or more (its long configurations)")
-    parser.add_argument("--packed-only", action="store_true",
+    subset.add_argument("--packed-only", action="store_true",
                         help="check only the cases whose q, k and v are views of one projection (and the packed op)")
     parser.add_argument("--no-triton-timings", dest="triton_timings", action="store_false",
                         help="time the Gluon kernels only (the Triton kernels autotune at every new shape: minutes)")
@@ -173,10 +174,11 @@ def main() -> None:
     if args.checks:  # this checkout's kernels; the revisions are timed only
         checked = {name: variants[name] for name in ("triton", "gluon")}
         if args.long_only:
-            check([case for case in CASES if case[4] >= flash.flash_hopper.LONG_KEYS], checked)
+            check([case for case in CASES if case[4] >= flash.flash_hopper.LONG_KEYS], checked)  # case[4]: Nk
+        elif args.packed_only:
+            check(PACKED_CASES, checked, packed=True)
         else:
-            if not args.packed_only:
-                check(CASES, checked)
+            check(CASES, checked)
             check(PACKED_CASES, checked, packed=True)
     if args.timings:
         time_passes([tuple(int(x) for x in shape.split(",")) for shape in args.pass_shapes], variants)
