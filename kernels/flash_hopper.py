@@ -24,6 +24,7 @@ their registers; their numbers are checked on the GPU by benchmarks/attention.py
 says so and keeps the Triton kernels for every other case (other GPUs, fp32, head dims not listed in CONFIGS).
 """
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ class Config:
     non-causal attention, left to flash.py's kernel there. staged_rows (dk/dv pass): the producer stages each query
     tile's lse and D in the ring beside qc, qs and dO, instead of each consumer loading them from global memory.
     masked_apart (dk/dv pass): the tiles that need the causal mask run in a loop of their own, the others without
-    it."""
+    it. persistent (forward, dq pass): one program per SM, each looping over work items, instead of one program per
+    item. fp16_regs: (consumer, producer) registers for fp16 inputs where the split above spills there."""
     block_n: int
     stages: int
     consumer_regs: int
@@ -86,17 +88,22 @@ class Config:
     staged_rows: bool = False
     masked_apart: bool = False
     build_rows: int = 0
+    persistent: bool = False
+    fp16_regs: tuple[int, int] | None = None
 
 
-# By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, session 11); tests/test_flash_hopper.py
-# checks that each compiles without spills, which depends on Triton's version (ptxas's too): these compile clean with
-# triton 3.6 (the GPU image's), 3.7 and 3.9 (CI's). At D = 128 every configuration tried spilled: flash.py's kernels
-# run there.
+# By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, sessions 11 and 19-20);
+# tests/test_flash_hopper.py checks that each compiles without spills, which depends on Triton's version (ptxas's
+# too): these compile clean with triton 3.9 (CI's). With triton 3.6 (the GPU image's) the persistent passes spill a
+# few local-memory instructions outside causal bf16 at D = 64 (2 to 16: non-causal, fp16) and in the long forward's
+# snaking order (6). At D = 128 every configuration tried spilled: flash.py's kernels run there.
 CONFIGS = {
-    ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
-    ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152),
-    ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
-    ("dq", 64): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168),
+    ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
+    ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
+                        fp16_regs=(168, 168)),
+    ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
+    ("dq", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
+                       fp16_regs=(168, 168)),
     # staged_rows: fwd+bwd -1.1% to -2.1% at D = 64, +5% to +8% at D = 32 (attention_notes.md, session 13);
     # masked_apart: the pass -2% to -4% at D = 64, fwd+bwd +4% at D = 32 (session 15)
     ("dkdv", 32): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True),
@@ -110,8 +117,13 @@ CONFIGS = {
 # threshold (attention_notes.md, sessions 16 and 17).
 LONG_KEYS = 2048
 LONG_CONFIGS = {
-    ("fwd", 64): Config(block_n=128, stages=2, consumer_regs=184, producer_regs=136, build_rows=32),
+    ("fwd", 64): Config(block_n=128, stages=2, consumer_regs=184, producer_regs=136, build_rows=32, persistent=True),
 }
+# The forward and the dq pass take their work in the paired order (_work) where the keys and values of all heads
+# outgrow this share of L2, since the snaking order's programs read every head's keys at once. Session 20
+# (attention_notes.md): snaking lost 2.4-2.6% fwd+bwd at (1, 16, 16384) (64 MiB) against head-major programs, and its
+# dq pass 4% at (16, 12, 1024) (48 MiB) against the paired order; at 24-28 MiB the two orders tied.
+KEYS_IN_L2 = 0.75
 _MAXNREG = 168  # 3 warpgroups x 128 threads x 168 = 64,512 of the SM's 65,536 registers
 
 
@@ -192,15 +204,10 @@ def _release_unread(ready, first, n_tiles, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k, q_offset,
-             CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """This program's first query row, and its ring: the producer's inputs, the stages and their mbarriers."""
+def _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, n_blocks, n_k, q_offset,
+          HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The program's ring of key tiles: the producer's inputs, the work's extent, the stages and their mbarriers."""
     dtype: gl.constexpr = V.dtype.element_ty
-    # Causal: the last query blocks see the most keys; launch them first so the short ones fill the tail.
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0) if CAUSAL else gl.program_id(0)
-    bh = gl.program_id(1)
-    start_m = pid_m * 128
-    n_tiles = gl.cdiv(gl.minimum(q_offset + start_m + 128, n_k) if CAUSAL else n_k, BLOCK_N)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     kc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
     ks_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
@@ -208,45 +215,99 @@ def _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    ring = (MuK, V, Freqs, Delta, bh // n_heads, bh % n_heads, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles,
-            kc_s, ks_s, v_s, ready)
-    return start_m, ring
+    return (MuK, V, Freqs, Delta, n_heads, bh_count, n_blocks, n_k, q_offset, stride_vb, stride_vh, stride_vn, kc_s,
+            ks_s, v_s, ready)
 
 
 @gluon.jit
-def _producer(ring, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr):
-    """The program's key tiles in order: kc, ks and V into the ring's stages, BUILD_ROWS rows at a time."""
-    MuK, V, Freqs, Delta, b, h, bh, n_k, stride_vb, stride_vh, stride_vn, n_tiles, kc_s, ks_s, v_s, ready = ring
+def _units(ring, PAIRED: gl.constexpr):
+    """How many units of work there are: blocks of 128 query rows of every batch and head, or if paired, pairs of
+    them (_work)."""
+    return ring[5] * (gl.cdiv(ring[6], 2) if PAIRED else ring[6])
+
+
+@gluon.jit
+def _rounds(ring, PAIRED: gl.constexpr):
+    """How many rounds this program loops over, one work item a round (the last ones may be past the work: _work)."""
+    return (2 if PAIRED else 1) * gl.cdiv(_units(ring, PAIRED), gl.num_programs(0))
+
+
+@gluon.jit
+def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, PAIRED: gl.constexpr):
+    """Round r's work item of this program: whether there is one, its first query row, batch and head, and key tiles.
+
+    Each program (one per SM, or one per unit of work) takes items in one of two orders, both evening out the long
+    and short items of causal attention between programs:
+    - snaking (not PAIRED): one item a round, block-major, the p-th item in even rounds and the p-th from the end in
+      odd ones. Causal: the last query blocks see the most keys and come first, so that the short ones fill the tail.
+      The programs of a round read every head's keys: best where all of them stay in L2.
+    - PAIRED: one pair of blocks m and n_blocks - 1 - m of one head every two rounds, the long one first,
+      head-major. Each pair costs about the same, and the programs of a round read the keys of a few heads only."""
+    n_heads, bh_count, n_blocks, n_k, q_offset = ring[4], ring[5], ring[6], ring[7], ring[8]
+    g, pid = gl.num_programs(0), gl.program_id(0)
+    if PAIRED:  # unit u: the pair (n_blocks - 1 - j, j) of head u // half
+        half = gl.cdiv(n_blocks, 2)
+        u = r // 2 * g + pid
+        j = u % half
+        m = n_blocks - 1 - j + (r % 2) * (2 * j + 1 - n_blocks)  # even rounds n_blocks - 1 - j, odd ones j
+        valid = (u < bh_count * half) & ((r % 2 == 0) | (2 * j + 1 != n_blocks))  # (an odd count's middle: alone)
+        bh = u // half
+    else:
+        w = r * g + pid + (r % 2) * (g - 1 - 2 * pid)
+        m = n_blocks - 1 - w // bh_count if CAUSAL else w // bh_count
+        valid = w < bh_count * n_blocks
+        bh = w % bh_count
+    start_m = m * 128
+    n_tiles = gl.cdiv(gl.minimum(q_offset + start_m + 128, n_k) if CAUSAL else n_k, BLOCK_N)
+    return valid, start_m, bh // n_heads, bh % n_heads, bh, n_tiles
+
+
+@gluon.jit
+def _producer(ring, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr):
+    """The key tiles of the program's work items in order: kc, ks and V into the ring's stages, BUILD_ROWS rows at a
+    time. The ring runs on across items: the next item's first tiles are built while the consumers finish the last
+    one's (their epilogue and the next prologue)."""
+    (MuK, V, Freqs, Delta, _, _, _, n_k, _, stride_vb, stride_vh, stride_vn, kc_s, ks_s, v_s, ready) = ring
     dtype: gl.constexpr = V.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     key_rows = gl.arange(0, BUILD_ROWS, layout=gl.SliceLayout(1, blocked))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
-    freqs = gl.load(Freqs + d)
-    # key phases s theta + delta of the first rows, advanced BUILD_ROWS rows at a time by angle addition (as flash.py)
-    cos, sin = _cos_sin(gl.expand_dims(key_rows.to(gl.float32), 1) * gl.expand_dims(freqs, 0)
-                        + gl.expand_dims(gl.load(Delta + h * HEAD_DIM + d), 0))
-    step_cos, step_sin = _cos_sin(BUILD_ROWS * freqs)
-    step_cos = gl.expand_dims(step_cos, 0)
-    step_sin = gl.expand_dims(step_sin, 0)
-    mu_base = MuK + bh.to(gl.int64) * n_k * HEAD_DIM
-    v_base = V + b.to(gl.int64) * stride_vb + h * stride_vh
-    for t in range(n_tiles):
-        stage = t % STAGES
-        for c in gl.static_range(BLOCK_N // BUILD_ROWS):
-            rows = t * BLOCK_N + c * BUILD_ROWS + key_rows
-            ok = gl.expand_dims(rows < n_k, 1)  # past the keys: zeros (their scores are masked)
-            mu = gl.load(mu_base + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(d, 0), mask=ok, other=0.0)
-            v = gl.load(v_base + gl.expand_dims(rows, 1) * stride_vn + gl.expand_dims(d, 0), mask=ok, other=0.0)
-            if c == 0 and t >= STAGES:  # (the first rows' loads are in flight while it waits)
-                _acquire(stage)  # both consumers are done with its last tile
-            mu = mu.to(gl.float32)
-            kc_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * cos).to(dtype))
-            ks_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * sin).to(dtype))
-            v_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store(v)
-            cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
-        fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
-        mbarrier.arrive(ready.index(stage), count=1)
-    _drain(n_tiles, STAGES)
+    rounds = _rounds(ring, PAIRED)
+    done = 0  # tiles of the earlier items: the ring's position
+    for r in range(rounds):
+        valid, _, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED)
+        if valid:
+            # key phases s theta + delta of the first rows, advanced BUILD_ROWS rows at a time by angle addition (as
+            # flash.py); the frequencies reloaded for each item rather than held in registers between items
+            freqs = gl.load(Freqs + d)
+            cos, sin = _cos_sin(gl.expand_dims(key_rows.to(gl.float32), 1) * gl.expand_dims(freqs, 0)
+                                + gl.expand_dims(gl.load(Delta + h * HEAD_DIM + d), 0))
+            step_cos, step_sin = _cos_sin(BUILD_ROWS * freqs)
+            step_cos = gl.expand_dims(step_cos, 0)
+            step_sin = gl.expand_dims(step_sin, 0)
+            mu_base = MuK + bh.to(gl.int64) * n_k * HEAD_DIM
+            v_base = V + b.to(gl.int64) * stride_vb + h * stride_vh
+            for t in range(n_tiles):
+                stage = (done + t) % STAGES
+                for c in gl.static_range(BLOCK_N // BUILD_ROWS):
+                    rows = t * BLOCK_N + c * BUILD_ROWS + key_rows
+                    ok = gl.expand_dims(rows < n_k, 1)  # past the keys: zeros (their scores are masked)
+                    mu = gl.load(mu_base + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(d, 0), mask=ok,
+                                 other=0.0)
+                    v = gl.load(v_base + gl.expand_dims(rows, 1) * stride_vn + gl.expand_dims(d, 0), mask=ok,
+                                other=0.0)
+                    if c == 0 and done + t >= STAGES:  # (the first rows' loads are in flight while it waits)
+                        _acquire(stage)  # both consumers are done with its last tile
+                    mu = mu.to(gl.float32)
+                    kc_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * cos).to(dtype))
+                    ks_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * sin).to(dtype))
+                    v_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store(v)
+                    cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
+                fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
+                mbarrier.arrive(ready.index(stage), count=1)
+            done += n_tiles
+    _drain(done, STAGES)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,20 +391,33 @@ def _scores(qc, qs, kc_s, ks_s, stage, s_init):
 
 
 @gluon.jit
-def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, WG: gl.constexpr):
-    """Warpgroup WG's 64 query rows against the staged key tiles: scores, online softmax, P V; writes out and lse."""
-    (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, start_m, n_q, q_offset, qk_scale,
-     qc_s, qs_s) = rows
-    _, _, Freqs, _, b, h, bh, n_k, _, _, _, n_tiles, kc_s, ks_s, v_s, ready = ring
+    """Warpgroup WG's 64 query rows of each of the program's work items (_fwd_rows)."""
+    rounds = _rounds(ring, PAIRED)
+    done = 0  # tiles of the earlier items: the ring's position
+    for r in range(rounds):
+        valid, start_m, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED)
+        if valid:
+            _fwd_rows(ring, rows, done, start_m + 64 * WG, b, h, bh, n_tiles, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, WG)
+            done += n_tiles
+
+
+@gluon.jit
+def _fwd_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):
+    """Query rows r0 .. r0+63 of head (b, h) against the item's key tiles, the ring's tiles done .. done+n_tiles-1:
+    scores, online softmax, P V; writes out and lse."""
+    (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n_q, qk_scale, qc_s, qs_s) = rows
+    Freqs, n_k, q_offset, kc_s, ks_s, v_s, ready = ring[2], ring[7], ring[8], ring[12], ring[13], ring[14], ring[15]
     dtype: gl.constexpr = Out.dtype.element_ty
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
     o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
     p_layout: gl.constexpr = _operand_layout(HEAD_DIM)
 
-    r0 = start_m + 64 * WG
     qc = qc_s.index(WG)
     qs = qs_s.index(WG)
+    # (the last item's products, which read these, were waited for)
     _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
                         True)
     fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
@@ -356,8 +430,8 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_mma))
     s_init = gl.zeros([64, BLOCK_N], gl.float32, s_mma)
     for t in range(my_tiles):
-        stage = t % STAGES
-        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+        stage = (done + t) % STAGES
+        mbarrier.wait(ready.index(stage), ((done + t) // STAGES) & 1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(qc, qs, kc_s, ks_s, stage, s_init),))
         if t * BLOCK_N >= full:
             s = gl.where(_keep(t, n_k, q_pos, CAUSAL, BLOCK_N, s_mma), s, float("-inf"))
@@ -372,7 +446,7 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
         acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_s.index(stage), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         _release(stage)
-    _release_unread(ready, my_tiles, n_tiles, STAGES)
+    _release_unread(ready, done + my_tiles, done + n_tiles, STAGES)
 
     out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_mma)), 1)
     _store_rows(Out, b, h, stride_ob, stride_oh, stride_on, r0, n_q, out.to(dtype), HEAD_DIM)
@@ -383,21 +457,20 @@ def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOC
 @gluon.jit
 def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                n_heads, n_q, n_k, q_offset, qk_scale,
-                CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                n_heads, bh_count, n_q, n_k, q_offset, qk_scale,
+                CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                 PRODUCER_REGS: gl.constexpr):
-    start_m, ring = _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k, q_offset,
-                             CAUSAL, HEAD_DIM, BLOCK_N, STAGES)
+    ring = _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, gl.cdiv(n_q, 128), n_k,
+                 q_offset, HEAD_DIM, BLOCK_N, STAGES)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], Q.dtype.element_ty)
     qc_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
     qs_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
-    rows = (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, start_m, n_q, q_offset,
-            qk_scale, qc_s, qs_s)
+    rows = (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n_q, qk_scale, qc_s, qs_s)
     # Gluon hands constexprs to a partition only as direct elements of its argument tuple
-    gl.warp_specialize([(_fwd_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
-                        (_fwd_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
-                        (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
+    gl.warp_specialize([(_fwd_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0)),
+                        (_fwd_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1)),
+                        (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -406,25 +479,38 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
 
 
 @gluon.jit
-def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, WG: gl.constexpr):
-    """Warpgroup WG's 64 query rows: D = rowsum(dO O) (written for the dk/dv pass, which runs next), then P and dS
-    recomputed tile by tile, gc = dS kc and gs = dS ks accumulated, and dq = sigmoid(q) (cos(t theta) gc +
-    sin(t theta) gs) sm_scale (flash.py's _polar_grad); writes D and dq."""
+    """Warpgroup WG's 64 query rows of each of the program's work items (_dq_rows)."""
+    rounds = _rounds(ring, PAIRED)
+    done = 0  # tiles of the earlier items: the ring's position
+    for r in range(rounds):
+        valid, start_m, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED)
+        if valid:
+            _dq_rows(ring, rows, done, start_m + 64 * WG, b, h, bh, n_tiles, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, WG)
+            done += n_tiles
+
+
+@gluon.jit
+def _dq_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):
+    """Query rows r0 .. r0+63 of head (b, h) against the item's key tiles, the ring's tiles done .. done+n_tiles-1:
+    D = rowsum(dO O) (written for the dk/dv pass, which runs next), then P and dS recomputed tile by tile, gc = dS kc
+    and gs = dS ks accumulated, and dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs) sm_scale (flash.py's
+    _polar_grad); writes D and dq."""
     (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_mb, stride_mh, stride_ob, stride_oh,
-     stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn, start_m, n_q, q_offset, qk_scale,
-     sm_scale, qc_s, qs_s, do_s) = rows
-    _, _, Freqs, _, b, h, bh, n_k, _, _, _, n_tiles, kc_s, ks_s, v_s, ready = ring
+     stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn, n_q, qk_scale, sm_scale, qc_s,
+     qs_s, do_s) = rows
+    Freqs, n_k, q_offset, kc_s, ks_s, v_s, ready = ring[2], ring[7], ring[8], ring[12], ring[13], ring[14], ring[15]
     dtype: gl.constexpr = DQ.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
     o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
     ds_layout: gl.constexpr = _operand_layout(HEAD_DIM)
 
-    r0 = start_m + 64 * WG
     qc = qc_s.index(WG)
     qs = qs_s.index(WG)
-    do = do_s.index(WG)
+    do = do_s.index(WG)  # (the last item's products, which read these, were waited for)
     # from the backward pre-pass's magnitudes (the values the forward rounded): no softplus here
     _stage_query_halves(MuQ, b, h, stride_mb, stride_mh, HEAD_DIM, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
                         False)
@@ -446,8 +532,8 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
     gs = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
     s_init = gl.zeros([64, BLOCK_N], gl.float32, s_mma)
     for t in range(my_tiles):
-        stage = t % STAGES
-        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+        stage = (done + t) % STAGES
+        mbarrier.wait(ready.index(stage), ((done + t) // STAGES) & 1)
         s = _scores(qc, qs, kc_s, ks_s, stage, s_init)
         dp = warpgroup_mma(do, v_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
@@ -459,7 +545,7 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
         gs = warpgroup_mma(ds, ks_s.index(stage), gs, is_async=True)
         gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(gc, gs))  # dS's registers: as P V in the forward
         _release(stage)
-    _release_unread(ready, my_tiles, n_tiles, STAGES)
+    _release_unread(ready, done + my_tiles, done + n_tiles, STAGES)
 
     q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, o_mma)
     x = q.to(gl.float32)
@@ -471,12 +557,12 @@ def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK
 def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
-               n_heads, n_q, n_k, q_offset, sm_scale, qk_scale,
-               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+               n_heads, bh_count, n_q, n_k, q_offset, sm_scale, qk_scale,
+               CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                PRODUCER_REGS: gl.constexpr):
-    start_m, ring = _program(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, n_k, q_offset,
-                             CAUSAL, HEAD_DIM, BLOCK_N, STAGES)
+    ring = _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, gl.cdiv(n_q, 128), n_k,
+                 q_offset, HEAD_DIM, BLOCK_N, STAGES)
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
     qc_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
@@ -485,10 +571,10 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
     # mu_q is contiguous
     rows = (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
             stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
-            start_m, n_q, q_offset, qk_scale, sm_scale, qc_s, qs_s, do_s)
-    gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 0)),
-                        (_dq_consumer, (ring, rows, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, 1)),
-                        (_producer, (ring, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
+            n_q, qk_scale, sm_scale, qc_s, qs_s, do_s)
+    gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0)),
+                        (_dq_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1)),
+                        (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -715,15 +801,34 @@ def config(kernel: str, head_dim: int, n_k: int) -> Config:
     return long or CONFIGS[kernel, head_dim]
 
 
-def launch_options(kernel: str, head_dim: int, n_k: int) -> dict:
-    """A kernel's constexprs and launch options for a head dim in CONFIGS and n_k keys."""
+def launch_options(kernel: str, head_dim: int, n_k: int, fp16: bool = False) -> dict:
+    """A kernel's constexprs and launch options for a head dim in CONFIGS, n_k keys and fp16 or bf16 inputs."""
     c = config(kernel, head_dim, n_k)
     if kernel == "dkdv":  # streams query tiles
         streamed = {"BLOCK_M": c.block_n, "STAGED_ROWS": c.staged_rows, "MASKED_APART": c.masked_apart}
     else:  # streams key tiles
         streamed = {"BLOCK_N": c.block_n, "BUILD_ROWS": c.build_rows or c.block_n}
+    consumer_regs, producer_regs = (c.fp16_regs if fp16 and c.fp16_regs else (c.consumer_regs, c.producer_regs))
     return {"HEAD_DIM": head_dim, **streamed, "STAGES": c.stages,
-            "CONSUMER_REGS": c.consumer_regs, "PRODUCER_REGS": c.producer_regs, "num_warps": 4, "maxnreg": _MAXNREG}
+            "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "num_warps": 4, "maxnreg": _MAXNREG}
+
+
+def _schedule(kernel: str, q: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int], bool]:
+    """The forward's or the dq pass's grid and order (_work): paired where the keys and values of all heads outgrow
+    L2 (KEYS_IN_L2 of it), one program per SM if the configuration is persistent and there are more units of work,
+    else one per unit."""
+    batch, heads, n_q, head_dim = q.shape
+    blocks = triton.cdiv(n_q, BLOCK_M)
+    properties = _properties(q.device.index)
+    paired = bool(2 * v.numel() * v.element_size() > KEYS_IN_L2 * properties.L2_cache_size)
+    units = batch * heads * (triton.cdiv(blocks, 2) if paired else blocks)
+    persistent = config(kernel, head_dim, v.shape[2]).persistent
+    return (min(units, properties.multi_processor_count) if persistent else units,), paired
+
+
+@functools.cache
+def _properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
 
 
 def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, delta: torch.Tensor,
@@ -732,9 +837,11 @@ def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.T
     contiguous, delta (H, D) contiguous; writes out (B, H, Nq, D), unit last stride, and lse (B, H, Nq), log2 units,
     as flash.py's."""
     batch, heads, n_q, head_dim = q.shape
-    _fwd_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
-        q, mu_k, v, freqs, delta, out, lse, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads, n_q, v.shape[2],
-        q_offset, qk_scale, CAUSAL=causal, **launch_options("fwd", head_dim, v.shape[2]))
+    grid, paired = _schedule("fwd", q, v)
+    _fwd_kernel[grid](
+        q, mu_k, v, freqs, delta, out, lse, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads, batch * heads,
+        n_q, v.shape[2], q_offset, qk_scale, CAUSAL=causal, PAIRED=paired,
+        **launch_options("fwd", head_dim, v.shape[2], q.dtype == torch.float16))
 
 
 def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
@@ -744,10 +851,12 @@ def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Te
     prepass, out and dout (unit last stride) and lse (B, H, Nq); writes dvec = rowsum(dout * out) (B, H, Nq)
     contiguous, which the dk/dv pass reads, and dq (B, H, Nq, D, unit last stride)."""
     batch, heads, n_q, head_dim = q.shape
-    _dq_kernel[(triton.cdiv(n_q, BLOCK_M), batch * heads)](
+    grid, paired = _schedule("dq", q, v)
+    _dq_kernel[grid](
         q, mu_q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *dout.stride()[:3], *dq.stride()[:3], heads, n_q, v.shape[2], q_offset, sm_scale, sm_scale * math.log2(math.e),
-        CAUSAL=causal, **launch_options("dq", head_dim, v.shape[2]))
+        *dout.stride()[:3], *dq.stride()[:3], heads, batch * heads, n_q, v.shape[2], q_offset, sm_scale,
+        sm_scale * math.log2(math.e), CAUSAL=causal, PAIRED=paired,
+        **launch_options("dq", head_dim, v.shape[2], q.dtype == torch.float16))
 
 
 def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
@@ -760,4 +869,4 @@ def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.
     _dkdv_kernel[(triton.cdiv(n_k, 128), batch * heads)](
         mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *k.stride()[:3], *v.stride()[:3],
         *dout.stride()[:3], *dk.stride()[:3], heads, mu_q.shape[2], n_k, q_offset, qk_scale, CAUSAL=causal,
-        **launch_options("dkdv", head_dim, n_k))
+        **launch_options("dkdv", head_dim, n_k, k.dtype == torch.float16))

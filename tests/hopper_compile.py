@@ -1,6 +1,6 @@
 """Compile a kernel of kernels/flash_hopper.py for sm_90a on any machine and report what ptxas made of it.
 
-    python tests/hopper_compile.py KERNEL(fwd|dq|dkdv) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16) [N_K]
+    python tests/hopper_compile.py KERNEL(fwd|dq|dkdv) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16) [N_K [PAIRED(0|1)]]
 
 N_K (default 1) picks the configuration flash_hopper.config gives that many keys.
 
@@ -31,10 +31,12 @@ KERNELS = {"fwd": flash_hopper._fwd_kernel, "dq": flash_hopper._dq_kernel, "dkdv
 FP32 = ("Freqs", "Delta", "Lse", "Dvec", "DDelta", "sm_scale", "qk_scale")
 
 
-def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1):
+def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1, paired: bool = False):
     kernel = KERNELS[kernel_name]
-    launch = flash_hopper.launch_options(kernel_name, head_dim, n_k)
+    launch = flash_hopper.launch_options(kernel_name, head_dim, n_k, dtype == "fp16")
     constexprs = {name: value for name, value in launch.items() if name.isupper()} | {"CAUSAL": causal}
+    if "PAIRED" in kernel.arg_names:  # the forward's and the dq pass's order of work (flash_hopper._work)
+        constexprs["PAIRED"] = paired
     options = {name: value for name, value in launch.items() if not name.isupper()}
     pointers = [name for name in kernel.arg_names if name[0].isupper() and name not in constexprs]
     signature = {name: "constexpr" if name in constexprs
@@ -58,7 +60,8 @@ def sass_of(cubin: bytes) -> str:
 def main() -> None:
     kernel_name, head_dim, causal, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
     n_k = int(sys.argv[5]) if len(sys.argv) > 5 else 1
-    compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype, n_k)
+    paired = len(sys.argv) > 6 and sys.argv[6] == "1"
+    compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype, n_k, paired)
     instructions = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass_of(compiled.asm["cubin"]).splitlines()
                     if line.strip().startswith("/*") and "*/" in line]
     words = [ins.split()[1:] if ins.startswith("@") else ins.split() for ins in instructions if ins]
