@@ -16,6 +16,10 @@ it). The backward passes build their stationary rows from the pre-passes' magnit
               consumer holds 64 keys: S^T, dP^T, dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta.
 
 The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows.
+The forward and the dq pass are persistent: one program per SM loops over blocks of 128 query rows, and its ring
+runs on from one block to the next, so the next block's first tiles are built while the consumers finish the last.
+Which blocks each program takes (_work) balances the causal lengths and, where all heads' keys outgrow L2, keeps few
+heads in flight.
 Triton's own warp specialization does not split these loops on Hopper (the streamed tiles are built in registers,
 not loaded by TMA), hence Gluon, Triton's lower-level dialect with explicit layouts, shared memory and mbarriers.
 
