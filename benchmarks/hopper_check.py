@@ -5,9 +5,10 @@ this script is its numerical test on an H100:
 1. for each case of CASES (odd lengths, Nq < Nk with q_offset, one query, non-causal, fp16, the sharp q, k x 16 case,
    D = 32 and 64) the relative errors of out, dq, dk, dv and d delta against the float64 reference, for the Triton
    kernels (POPE_LM_GLUON=0) and the Gluon ones side by side: a Gluon row must match the Triton row to the printed
-   digit, since both build the same halves and differ only in summation order; then PACKED_CASES, whose q, k and
-   v are views of one projection, as the model passes them (--long-only: only the cases with LONG_KEYS keys or more,
-   --packed-only: only PACKED_CASES);
+   digit, since both build the same halves and differ only in summation order, and so must the "paired" row (the
+   forward and the dq pass taking their work in the paired order, which these cases are too small to choose: see
+   flash_hopper._work); then PACKED_CASES, whose q, k and v are views of one projection, as the model passes them
+   (--long-only: only the cases with LONG_KEYS keys or more, --packed-only: only PACKED_CASES);
 2. forward+backward time replayed from a CUDA graph at TIMED shapes for the Triton kernels, this checkout's Gluon
    kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g. `git show
    HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first each Gluon
@@ -51,6 +52,7 @@ CASES = [
         (4, 4, 64, 64, 0, True, torch.bfloat16, 16.0),
         (1, 2, 2048, 2048, 0, True, torch.bfloat16, 1.0),
         (2, 2, 10, 1000, 0, True, torch.bfloat16, 1.0),  # key blocks past every query: zero gradients
+        (8, 4, 1100, 1100, 0, True, torch.bfloat16, 1.0),  # 288 blocks, more than the SMs: persistent programs loop
     ]
 ]
 # flash_hopper.LONG_CONFIGS' range (LONG_KEYS = 2048 keys and more; also (1, 2, 2048, 2048) above): odd lengths,
@@ -151,6 +153,13 @@ def time_passes(shapes, variants) -> None:
                 print(f"({b},{h},{n}) {name}: " + "  ".join(f"{p}={us:.1f}" for p, us in times.items()), flush=True)
 
 
+def paired_order():
+    """This checkout's Gluon kernels, the forward and the dq pass always in the paired order (flash_hopper._work)."""
+    module = load_revision(Path(flash.flash_hopper.__file__))
+    module.KEYS_IN_L2 = 0.0
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--revision", type=Path, nargs="*", default=[],
@@ -171,8 +180,8 @@ def main() -> None:
     variants = {"triton": None, "gluon": flash.flash_hopper}
     for path in args.revision:
         variants[path.stem] = load_revision(path)
-    if args.checks:  # this checkout's kernels; the revisions are timed only
-        checked = {name: variants[name] for name in ("triton", "gluon")}
+    if args.checks:  # this checkout's kernels, in both orders of work; the revisions are timed only
+        checked = {name: variants[name] for name in ("triton", "gluon")} | {"paired": paired_order()}
         if args.long_only:
             check([case for case in CASES if case[4] >= flash.flash_hopper.LONG_KEYS], checked)  # case[4]: Nk
         elif args.packed_only:

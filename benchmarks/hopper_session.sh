@@ -3,7 +3,8 @@
 #   1. hopper_check.py: this checkout's kernels against float64 beside the Triton kernels, then each pass alone and
 #      fwd+bwd timed against the given revisions, in one process;
 #   2. compute-sanitizer synccheck over one small forward+backward (barrier misuse: a named barrier's count, a
-#      bar.sync that not every thread of a warp reaches);
+#      bar.sync that not every thread of a warp reaches), with more blocks than SMs, so that the persistent forward
+#      and dq pass loop over items;
 #   3. ncu's sampled stalls per instruction at the pretraining shape, summed by ncu_source_summary.py.
 # Logs come back in $OUT. Each revision is another flash_hopper.py (e.g. `git show HEAD:kernels/flash_hopper.py >
 # ab/head.py`) in an ignored folder that the call carries; one whose passes take other arguments needs a small adapter
@@ -28,7 +29,7 @@ timeout 420 python3 benchmarks/hopper_check.py --no-triton-timings "${revisions[
     grep --line-buffered -v -i "warn\|run_backward" | tee "$OUT/hopper_check.log"
 
 echo "== synccheck"
-timeout 120 compute-sanitizer --tool synccheck python3 benchmarks/attention_profile.py --shape 1 2 1000 64 2>&1 |
+timeout 120 compute-sanitizer --tool synccheck python3 benchmarks/attention_profile.py --shape 8 4 1100 64 2>&1 |
     grep -v "^==PROF==" | tail -4 | tee "$OUT/synccheck.log"
 
 if [ "${NO_NCU:-0}" != 1 ]; then
