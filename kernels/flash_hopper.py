@@ -390,21 +390,25 @@ def _scores(qc, qs, kc_s, ks_s, stage, s_init):
     return warpgroup_mma(qs, ks_s.index(stage).permute((1, 0)), s, is_async=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Forward
-
-
 @gluon.jit
-def _fwd_consumer(ring, rows, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr, WG: gl.constexpr):
-    """Warpgroup WG's 64 query rows of each of the program's work items (_fwd_rows)."""
+def _consumer(ring, rows, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, WG: gl.constexpr, DQ: gl.constexpr):
+    """Warpgroup WG's 64 query rows of each of the program's work items: the dq pass's (_dq_rows) if DQ, else the
+    forward's (_fwd_rows). (Gluon's partitions take no function as an argument.)"""
     rounds = _rounds(ring, PAIRED)
     done = 0  # tiles of the earlier items: the ring's position
     for r in range(rounds):
         valid, start_m, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED)
         if valid:
-            _fwd_rows(ring, rows, done, start_m + 64 * WG, b, h, bh, n_tiles, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, WG)
+            if DQ:
+                _dq_rows(ring, rows, done, start_m + 64 * WG, b, h, bh, n_tiles, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, WG)
+            else:
+                _fwd_rows(ring, rows, done, start_m + 64 * WG, b, h, bh, n_tiles, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, WG)
             done += n_tiles
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward
 
 
 @gluon.jit
@@ -472,27 +476,14 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
     qs_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
     rows = (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n_q, qk_scale, qc_s, qs_s)
     # Gluon hands constexprs to a partition only as direct elements of its argument tuple
-    gl.warp_specialize([(_fwd_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0)),
-                        (_fwd_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1)),
+    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0, False)),
+                        (_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1, False)),
                         (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Backward: the dq pass
-
-
-@gluon.jit
-def _dq_consumer(ring, rows, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, WG: gl.constexpr):
-    """Warpgroup WG's 64 query rows of each of the program's work items (_dq_rows)."""
-    rounds = _rounds(ring, PAIRED)
-    done = 0  # tiles of the earlier items: the ring's position
-    for r in range(rounds):
-        valid, start_m, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED)
-        if valid:
-            _dq_rows(ring, rows, done, start_m + 64 * WG, b, h, bh, n_tiles, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, WG)
-            done += n_tiles
 
 
 @gluon.jit
@@ -576,8 +567,8 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
     rows = (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
             stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
             n_q, qk_scale, sm_scale, qc_s, qs_s, do_s)
-    gl.warp_specialize([(_dq_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0)),
-                        (_dq_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1)),
+    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0, True)),
+                        (_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1, True)),
                         (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
