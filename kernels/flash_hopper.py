@@ -810,8 +810,8 @@ def launch_options(kernel: str, head_dim: int, n_k: int, fp16: bool = False) -> 
 
 def _schedule(kernel: str, q: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int], bool]:
     """The forward's or the dq pass's grid and order (_work): paired where the keys and values of all heads outgrow
-    L2 (KEYS_IN_L2 of it), one program per SM if the configuration is persistent and there are more units of work,
-    else one per unit."""
+    L2 (KEYS_IN_L2 of it), one program per SM (only one fits, by its registers) if the configuration is persistent and
+    there are more units of work, else one per unit."""
     batch, heads, n_q, head_dim = q.shape
     blocks = triton.cdiv(n_q, BLOCK_M)
     properties = _properties(q.device.index)
@@ -822,7 +822,7 @@ def _schedule(kernel: str, q: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int]
 
 
 @functools.cache
-def _properties(device_index: int):
+def _properties(device_index: int) -> torch.cuda._CudaDeviceProperties:
     return torch.cuda.get_device_properties(device_index)
 
 
