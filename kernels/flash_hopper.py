@@ -248,18 +248,18 @@ def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, PAIRED: gl.const
     - PAIRED: one pair of blocks m and n_blocks - 1 - m of one head every two rounds, the long one first,
       head-major. Each pair costs about the same, and the programs of a round read the keys of a few heads only."""
     n_heads, bh_count, n_blocks, n_k, q_offset = ring[4], ring[5], ring[6], ring[7], ring[8]
-    g, pid = gl.num_programs(0), gl.program_id(0)
+    g, pid, units = gl.num_programs(0), gl.program_id(0), _units(ring, PAIRED)
     if PAIRED:  # unit u: the pair (n_blocks - 1 - j, j) of head u // half
         half = gl.cdiv(n_blocks, 2)
         u = r // 2 * g + pid
         j = u % half
         m = n_blocks - 1 - j + (r % 2) * (2 * j + 1 - n_blocks)  # even rounds n_blocks - 1 - j, odd ones j
-        valid = (u < bh_count * half) & ((r % 2 == 0) | (2 * j + 1 != n_blocks))  # (an odd count's middle: alone)
+        valid = (u < units) & ((r % 2 == 0) | (2 * j + 1 != n_blocks))  # (an odd count's middle: alone)
         bh = u // half
     else:
         w = r * g + pid + (r % 2) * (g - 1 - 2 * pid)
         m = n_blocks - 1 - w // bh_count if CAUSAL else w // bh_count
-        valid = w < bh_count * n_blocks
+        valid = w < units
         bh = w % bh_count
     start_m = m * 128
     n_tiles = gl.cdiv(gl.minimum(q_offset + start_m + 128, n_k) if CAUSAL else n_k, BLOCK_N)
