@@ -354,9 +354,10 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing each variant, profile this many more steps and print their GPU time by "
                              "part and by kernel")
-    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead"),
+    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                         help="torch.compile's mode for every variant, the nanoGPT peer's too (reduce-overhead: each "
-                             "step's forward and backward replayed as CUDA graphs)")
+                             "step's forward and backward replayed as CUDA graphs; max-autotune: the same, and the "
+                             "matmuls chosen among cuBLAS and Triton templates, which can fuse their neighbours)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
