@@ -79,18 +79,15 @@ class Config:
     ring stages, and the registers per thread of each consumer and of the producer (3 warpgroups of 128 threads
     share the SM's 64K; the key producer holds the phases of the rows it builds at once, 2 x build_rows x D fp32,
     build_rows = block_n unless set; the query producer computes them). causal_only: a configuration that spills for
-    non-causal attention, left to flash.py's kernel there. folded_rows (dk/dv pass): the producer stages each query
-    tile's lse and D in the ring beside qc, qs and dO, as folded rows that enter S^T and dP^T through the tensor cores
-    (_folded), instead of each consumer loading them from global memory and subtracting them.
-    masked_apart (dk/dv pass): the tiles that need the causal mask run in a loop of their own, the others without
-    it. persistent (forward, dq pass): one program per SM, each looping over work items, instead of one program per
-    item. fp16_regs: (consumer, producer) registers for fp16 inputs where the split above spills there."""
+    non-causal attention, left to flash.py's kernel there. masked_apart (dk/dv pass): the tiles that need the causal
+    mask run in a loop of their own, the others without it. persistent (forward, dq pass): one program per SM, each
+    looping over work items, instead of one program per item. fp16_regs: (consumer, producer) registers for fp16
+    inputs where the split above spills there."""
     block_n: int
     stages: int
     consumer_regs: int
     producer_regs: int
     causal_only: bool = False
-    folded_rows: bool = False
     masked_apart: bool = False
     build_rows: int = 0
     persistent: bool = False
@@ -109,13 +106,14 @@ CONFIGS = {
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
                        fp16_regs=(168, 168)),
-    # lse and D staged in the ring: fwd+bwd -1.1% to -2.1% at D = 64, +5% to +8% at D = 32 (attention_notes.md,
-    # session 13); masked_apart: the pass -2% to -4% at D = 64, fwd+bwd +4% at D = 32 (session 15); folded, with
-    # 64-query tiles: the pass -2% at the pretraining shape to -6% at (1, 12, 10240) (32-query tiles: +7% to +12%)
-    # against staged rows the consumers loaded (session 21)
-    ("dkdv", 32): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=104, causal_only=True),
+    # 64-query tiles, which the folded rows (_folded) make fit: the pass -2% at the pretraining shape to -6% at
+    # (1, 12, 10240) at D = 64 against 32-query tiles with lse and D staged in the ring and loaded by the consumers,
+    # fwd+bwd -4% and -7% at D = 32 against 32-query tiles whose consumers loaded them from global memory (folded at
+    # 32 queries: +7% to +12%); masked_apart: the pass -2% to -4% at D = 64, fwd+bwd +4% at D = 32 (attention_notes.md,
+    # sessions 15 and 21)
+    ("dkdv", 32): Config(block_n=64, stages=2, consumer_regs=200, producer_regs=112, causal_only=True),
     ("dkdv", 64): Config(block_n=64, stages=2, consumer_regs=200, producer_regs=112, causal_only=True,
-                         folded_rows=True, masked_apart=True),
+                         masked_apart=True),
 }
 # From LONG_KEYS keys on, by pass and head dim: 128-key tiles in the forward (one wait, softmax step and release per
 # 128 keys), the producer building them 32 rows at a time (its phase registers), so that each consumer gets 184.
@@ -601,11 +599,10 @@ def _folded(x, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    FOLDED_ROWS: gl.constexpr):
+def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """The query tiles a key block sees, in order: qc, qs (from the prepass's mu_q, phases t theta computed directly,
-    sm_scale log2(e) folded in: the forward's halves exactly), dO and, if FOLDED_ROWS, the queries' -lse and -D as
-    folded rows into the ring's stages, 32 rows at a time (the registers of a 64-row tile would spill)."""
+    sm_scale log2(e) folded in: the forward's halves exactly), dO, and the queries' -lse and -D as folded rows into
+    the ring's stages, 32 rows at a time (the registers of a 64-row tile would spill)."""
     (MuQ, DO, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
      qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
     dtype: gl.constexpr = DO.dtype.element_ty
@@ -624,10 +621,10 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
                          mask=ok, other=0.0)
             do = gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(rows, 1) * stride_don
                          + gl.expand_dims(d, 0), mask=ok, other=0.0)
-            if FOLDED_ROWS:  # the global loads' latency then passes here, before the wait below, as mu's and dO's does
-                f_rows = r0 + folded_rows
-                lse = gl.load(Lse + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=_PADDED_LSE)
-                dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=0.0)
+            # (the global loads' latency passes before the wait below)
+            f_rows = r0 + folded_rows
+            lse = gl.load(Lse + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=_PADDED_LSE)
+            dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=0.0)
             # direct phases (two SFU ops per element, beside the consumers' tensor work) rather than a phase tile kept
             # in registers: the consumers here need more registers than in the query-stationary passes
             cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1) * freqs)
@@ -637,9 +634,8 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
             qc_s.index(stage).slice(c * 32, 32).store((mu * (cos * qk_scale)).to(dtype))
             qs_s.index(stage).slice(c * 32, 32).store((mu * (sin * qk_scale)).to(dtype))
             do_s.index(stage).slice(c * 32, 32).store(do)
-            if FOLDED_ROWS:
-                lse_s.index(stage).slice(c * 32, 32).store(_folded(-lse, dtype))
-                dvec_s.index(stage).slice(c * 32, 32).store(_folded(-dvec, dtype))
+            lse_s.index(stage).slice(c * 32, 32).store(_folded(-lse, dtype))
+            dvec_s.index(stage).slice(c * 32, 32).store(_folded(-dvec, dtype))
         fence_async_shared()
         mbarrier.arrive(ready.index(stage), count=1)
 
@@ -658,36 +654,23 @@ def _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, H
 
 @gluon.jit
 def _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, MASKED: gl.constexpr,
-               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-               FOLDED_ROWS: gl.constexpr):
-    """A dk/dv consumer's query tile t: S^T, dP^T = V dO^T, P^T (masked if MASKED), dV += P^T dO, dS^T = P^T (dP^T -
-    D), gc += dS^T qc and gs += dS^T qs; then the stage released. With FOLDED_ROWS, -lse and -D come in through the
-    products (against `ones`: _folded)."""
-    (_, _, Lse, Dvec, _, _, _, bh, n_q, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready,
-     empty) = qring
+               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """A dk/dv consumer's query tile t: S^T - lse, dP^T - D = V dO^T - D (-lse and -D through the products, against
+    `ones`: _folded), P^T (masked if MASKED), dV += P^T dO, dS^T = P^T (dP^T - D), gc += dS^T qc and gs += dS^T qs;
+    then the stage released."""
+    (_, _, _, _, _, _, _, _, _, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
     op_layout: gl.constexpr = _operand_layout(HEAD_DIM)
     stage = t % STAGES
     mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
     st = warpgroup_mma(kc, qc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
     st = warpgroup_mma(ks, qs_s.index(stage).permute((1, 0)), st, is_async=True)
-    if FOLDED_ROWS:
-        st = warpgroup_mma(ones, lse_s.index(stage).permute((1, 0)), st, is_async=True)
+    st = warpgroup_mma(ones, lse_s.index(stage).permute((1, 0)), st, is_async=True)
     dpt = warpgroup_mma(vk, do_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-    if FOLDED_ROWS:
-        dpt = warpgroup_mma(ones, dvec_s.index(stage).permute((1, 0)), dpt, is_async=True)
+    dpt = warpgroup_mma(ones, dvec_s.index(stage).permute((1, 0)), dpt, is_async=True)
     st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
-    cols = lo + t * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))
-    if FOLDED_ROWS:
-        pt = gl.exp2(st)
-    else:
-        # lse and D of the tile's queries (+inf and 0 past n_q), loaded after the wait and used at once (before the
-        # mask), so that ptxas issues them beside the products rather than on the tile's critical path
-        col_ok = cols < n_q
-        lse = gl.load(Lse + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=float("inf"))  # padded: P = 0
-        dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + cols, mask=col_ok, other=0.0)
-        pt = gl.exp2(st - gl.expand_dims(lse, 0))
-        dpt = dpt - gl.expand_dims(dvec, 0)
+    cols = lo + t * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))  # the tile's queries
+    pt = gl.exp2(st)
     if MASKED:
         keep = gl.expand_dims(keys < n_k, 1)
         if CAUSAL:
@@ -705,7 +688,7 @@ def _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, MASKED
 
 @gluon.jit
 def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                   STAGES: gl.constexpr, FOLDED_ROWS: gl.constexpr, MASKED_APART: gl.constexpr, WG: gl.constexpr):
+                   STAGES: gl.constexpr, MASKED_APART: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's 64 keys against the streamed query tiles: P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc
     and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc + sin gs) ln2 and d delta as flash.py's dk/dv pass."""
     (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_vb, stride_vh,
@@ -728,9 +711,8 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     ks.store((mu * sin).to(dtype))
     vk.store(_rows(V, b, h, stride_vb, stride_vh, stride_vn, k0, n_k, HEAD_DIM, blocked))
     ones = ones_own.index(WG)  # the key side of the folded rows: ones in columns 0 and 1
-    if FOLDED_ROWS:
-        col = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, _FOLD)), 0)
-        ones.store((gl.zeros([64, 16], gl.float32, _FOLD) + gl.where(col < 2, 1.0, 0.0)).to(dtype))
+    col = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, _FOLD)), 0)
+    ones.store((gl.zeros([64, 16], gl.float32, _FOLD) + gl.where(col < 2, 1.0, 0.0)).to(dtype))
     fence_async_shared()
     _barrier()
 
@@ -756,10 +738,10 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
         mbarrier.arrive(empty.index(t % STAGES), count=1)
     for t in range(first, unmasked):
         dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, True, CAUSAL, HEAD_DIM,
-                                BLOCK_M, STAGES, FOLDED_ROWS)
+                                BLOCK_M, STAGES)
     for t in range(unmasked, n_tiles):
         dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, False, CAUSAL, HEAD_DIM,
-                                BLOCK_M, STAGES, FOLDED_ROWS)
+                                BLOCK_M, STAGES)
 
     # gc, gs carry the queries' sm_scale log2(e); ln2 leaves sm_scale (flash.py's _polar_grad)
     k, cos, sin = _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM, o_mma)
@@ -783,8 +765,7 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                  stride_gb, stride_gh, stride_gn, n_heads, n_q, n_k, q_offset, qk_scale,
                  CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 FOLDED_ROWS: gl.constexpr, MASKED_APART: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                 PRODUCER_REGS: gl.constexpr):
+                 MASKED_APART: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     dtype: gl.constexpr = V.dtype.element_ty
     bh = gl.program_id(1)
     start_n = gl.program_id(0) * 128  # causal: the first key blocks are seen by the most queries, launched first
@@ -796,7 +777,7 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     qc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     qs_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     do_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
-    folded_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 16], dtype)  # if FOLDED_ROWS
+    folded_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 16], dtype)
     lse_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, 16], folded_layout)
     dvec_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, 16], folded_layout)
     ones_own = gl.allocate_shared_memory(dtype, [2, 64, 16], gl.NVMMASharedLayout.get_default_for([64, 16], dtype))
@@ -814,11 +795,9 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     krows = (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, n_heads * n_k * HEAD_DIM,
              n_k * HEAD_DIM, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own,
              ks_own, v_own, ones_own)
-    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, FOLDED_ROWS,
-                                          MASKED_APART, 0)),
-                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, FOLDED_ROWS,
-                                          MASKED_APART, 1)),
-                        (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES, FOLDED_ROWS))],
+    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, MASKED_APART, 0)),
+                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, MASKED_APART, 1)),
+                        (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -836,7 +815,7 @@ def launch_options(kernel: str, head_dim: int, n_k: int, fp16: bool = False) -> 
     """A kernel's constexprs and launch options for a head dim in CONFIGS, n_k keys and fp16 or bf16 inputs."""
     c = config(kernel, head_dim, n_k)
     if kernel == "dkdv":  # streams query tiles
-        streamed = {"BLOCK_M": c.block_n, "FOLDED_ROWS": c.folded_rows, "MASKED_APART": c.masked_apart}
+        streamed = {"BLOCK_M": c.block_n, "MASKED_APART": c.masked_apart}
     else:  # streams key tiles
         streamed = {"BLOCK_N": c.block_n, "BUILD_ROWS": c.build_rows or c.block_n}
     consumer_regs, producer_regs = (c.fp16_regs if fp16 and c.fp16_regs else (c.consumer_regs, c.producer_regs))
