@@ -1,7 +1,8 @@
 """What each program of the Hopper (Gluon) attention passes costs beyond its tiles, on the GPU.
 
 A pass's time is modelled as (tiles x c_tile + programs x c_fixed) / SMs: c_tile is the steady cost of one streamed
-tile (64 keys in the forward and dq pass, 32 queries in the dk/dv pass, for a program's 128 stationary rows) and
+tile's work (64 keys in the forward and dq pass, 32 queries in the dk/dv pass, for a program's 128 stationary rows:
+units of work, which the kernels' tiles may hold several of, e.g. the dk/dv pass's 64-query tiles since session 21) and
 c_fixed what a program pays once (launch, its rows' halves and loads, the epilogue). Timing each pass at shapes of
 equal total work (B H N^2 constant, causal, bf16, D = 64) from N = 1024 (many short programs, the pretraining shape)
 to N = 5792 (few long ones) and fitting both constants by least squares says how much of the N = 1024 time the
@@ -78,7 +79,8 @@ def load_revision(path: Path):
 
 
 def tiles(n: int) -> dict[str, int]:
-    """Streamed tiles of all programs of one head, as the kernels count them (causal, 128 stationary rows)."""
+    """Streamed tiles of all programs of one head (causal, 128 stationary rows), in the units of the module's docstring:
+    64 keys (forward, dq pass) and 32 queries (dk/dv pass)."""
     blocks = triton.cdiv(n, 128)
     forward = sum(triton.cdiv(min(m * 128 + 128, n), 64) for m in range(blocks))  # keys up to the block's last row
     dkdv = sum(triton.cdiv(n - m * 128 // 32 * 32, 32) for m in range(blocks))  # queries from the block's first key

@@ -621,7 +621,7 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
                          mask=ok, other=0.0)
             do = gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(rows, 1) * stride_don
                          + gl.expand_dims(d, 0), mask=ok, other=0.0)
-            # (the global loads' latency passes before the wait below)
+            # lse and D issued, as mu and dO are, before the wait below, so that their latency passes there
             f_rows = r0 + folded_rows
             lse = gl.load(Lse + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=_PADDED_LSE)
             dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=0.0)
