@@ -12,8 +12,9 @@ it). The backward passes build their stationary rows from the pre-passes' magnit
     forward   keys streamed: the producer builds kc = mu_k cos, ks = mu_k sin and stages V; each consumer holds 64
               queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
     dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq.
-    dk/dv     queries streamed: the producer builds qc, qs (phases computed directly), stages dO (and lse, D); each
-              consumer holds 64 keys: S^T, dP^T, dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta.
+    dk/dv     queries streamed: the producer builds qc, qs (phases computed directly), stages dO, and -lse, -D as
+              folded rows (_folded); each consumer holds 64 keys: S^T - lse and dP^T - D (both from the tensor
+              cores), dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta.
 
 The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows.
 The forward and the dq pass are persistent: one program per SM loops over blocks of 128 query rows, and its ring
