@@ -89,9 +89,10 @@ def test_hopper_check_routes_attention_through_a_revisions_kernels_then_restores
     assert "POPE_LM_GLUON" not in os.environ
 
 
-def test_program_cost_counts_the_streamed_tiles_each_causal_pass_runs() -> None:
+def test_program_cost_counts_the_streamed_work_of_each_causal_pass_in_units_of_64_keys_and_32_queries() -> None:
     tiles = _load("hopper_program_cost").tiles
-    # 8 programs of 128 rows: the forward's stream 2, 4, .., 16 key tiles of 64; dk/dv's 32, 28, .., 4 query tiles of 32
+    # 8 programs of 128 rows: the forward's stream 2, 4, .., 16 units of 64 keys; dk/dv's 32, 28, .., 4 units of 32
+    # queries (its kernel's 64-query tiles hold two each)
     assert tiles(1024) == {"fwd": 72, "dq": 72, "dkdv": 144, "programs": 8}
     assert tiles(200) == {"fwd": 2 + 4, "dq": 6, "dkdv": 7 + 3, "programs": 2}  # the last block is cut at N
 
