@@ -69,6 +69,14 @@ class CausalSelfAttention(nn.Module):
         return torch.stack(best).amax()
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 and returned in its input's dtype, whatever the residual stream's dtype is: a bf16
+    stream (`fp32_residual` off) then keeps torch's fused kernel, which needs input and gain of one dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -83,9 +91,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=1e-5)
         self.attn = CausalSelfAttention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=1e-5)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
@@ -101,7 +109,7 @@ class GPT(nn.Module):
         self.embedding = nn.Embedding(padded_vocab_size(cfg.vocab_size), cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.final_norm = RMSNorm(cfg.d_model, eps=1e-5)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -116,7 +124,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, padded vocab) or, with targets (B, T), the mean next-token cross-entropy."""
-        x = self.dropout(self.embedding(idx))
+        x = self.dropout(self.embed(idx))
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
                 x, _ = checkpoint(block, x, use_reentrant=False)
@@ -130,6 +138,14 @@ class GPT(nn.Module):
         # on CUDA a fused kernel that reads the logits once and turns them into their gradient in place
         return linear_cross_entropy(self.final_norm(x), self.embedding.weight, targets)
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start: the token embeddings, fp32 under autocast unless `fp32_residual` is off."""
+        x = self.embedding(idx)
+        device = x.device.type
+        if not self.cfg.fp32_residual and torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        return x
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         # The output projection shares the embedding matrix (tied weights).
         return F.linear(self.final_norm(x), self.embedding.weight)
@@ -137,7 +153,7 @@ class GPT(nn.Module):
     def forward_with_cache(self, idx: torch.Tensor, caches: list[LayerCache] | None = None
                            ) -> tuple[torch.Tensor, list[LayerCache]]:
         """Incremental decoding: logits for `idx` (sliced to the real vocabulary) given the cached positions."""
-        x = self.embedding(idx)
+        x = self.embed(idx)
         new_caches = []
         for i, block in enumerate(self.blocks):
             x, cache = block(x, None if caches is None else caches[i])
@@ -151,7 +167,7 @@ class GPT(nn.Module):
         Logits that keep growing sharpen the attention until training turns unstable (Dehghani et al. 2023,
         arXiv 2302.05442; Wortsman et al. 2023, arXiv 2309.14322): logged at validation as an early warning. PoPE's
         softplus magnitudes are unbounded, so its logits can grow without a weight growing visibly."""
-        x = self.dropout(self.embedding(idx))
+        x = self.dropout(self.embed(idx))
         maxima = []
         for block in self.blocks:
             maxima.append(block.attn.max_logit(block.attn_norm(x)))

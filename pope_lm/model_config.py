@@ -27,6 +27,10 @@ class ModelConfig:
     # Recompute each block's activations in the backward instead of keeping them: saves most activation memory
     # (only the block inputs stay) for about one extra forward of compute. Training only.
     activation_checkpointing: bool = False
+    # Under autocast (bf16-mixed), the residual stream x = x + block(x) in fp32, as autocast leaves it (the embedding
+    # returns fp32), or (false) in the autocast dtype, as Megatron-LM's default and torchtitan's bf16 training keep
+    # it: every norm, residual add and their backward then moves half the bytes. No effect without autocast.
+    fp32_residual: bool = True
     # RoPE context extension (pope_lm/rope_scaling.py), for scoring or fine-tuning a RoPE model beyond the length it
     # was trained at: none | pi (position interpolation) | ntk (NTK-aware base change) | yarn. The factor s stretches
     # the context from rope_original_max_len to s x rope_original_max_len. PoPE and NoPE ignore all three.

@@ -71,6 +71,38 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(ckpt, plain, rtol=1e-6, atol=1e-7)
 
 
+def _block_input_dtypes_and_loss(model: GPT, idx: torch.Tensor) -> tuple[set[torch.dtype], float]:
+    dtypes = set()
+    hooks = [block.register_forward_pre_hook(lambda _, args: dtypes.add(args[0].dtype)) for block in model.blocks]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx[:, :-1], idx[:, 1:])
+    for hook in hooks:
+        hook.remove()
+    return dtypes, loss.item()
+
+
+def test_residual_stream_is_fp32_under_autocast_unless_fp32_residual_is_off(recwarn):
+    idx = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    fp32_dtypes, fp32_loss = _block_input_dtypes_and_loss(GPT(small_config()), idx)
+    torch.manual_seed(0)
+    bf16_dtypes, bf16_loss = _block_input_dtypes_and_loss(GPT(small_config(fp32_residual=False)), idx)
+    assert fp32_dtypes == {torch.float32}
+    assert bf16_dtypes == {torch.bfloat16}
+    assert bf16_loss == pytest.approx(fp32_loss, rel=1e-2)
+    # the norms take the bf16 stream in fp32: torch's fused RMSNorm does not fall back (and warn) for the mixed dtypes
+    assert not [w for w in recwarn if "fused implementation" in str(w.message)]
+
+
+def test_fp32_residual_changes_nothing_without_autocast():
+    idx = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for fp32_residual in (True, False):
+        torch.manual_seed(0)
+        losses.append(GPT(small_config(fp32_residual=fp32_residual))(idx[:, :-1], idx[:, 1:]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("position", ["pope", "rope"])
 def test_max_attention_logits_is_the_largest_causal_logit_of_each_layer(position):
     torch.manual_seed(0)
