@@ -36,6 +36,24 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+def clip_gradients_(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float,
+                    fold_into_step: bool) -> torch.Tensor:
+    """Scale the gradients of `params` down to a global L2 norm of at most max_norm (0 or inf: no clipping), as
+    `torch.nn.utils.clip_grad_norm_` does, and return their norm before clipping.
+
+    With fold_into_step the scaling is not a pass of its own over the gradients: a fused optimizer that takes AMP's
+    `grad_scale` divides each gradient by it as its kernel reads it (and stores the result back, so the gradients
+    end up clipped as before). That saves a read of every gradient: 0.5 GB a step at 124M, 3 GB at 774M."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if 0 < max_norm < math.inf:
+        if fold_into_step:
+            optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_(min=1.0)  # type: ignore[attr-defined]
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 class LitGPT(L.LightningModule):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
@@ -158,8 +176,10 @@ class LitGPT(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # Folded into a fused AdamW's kernel unless a GradScaler (16-mixed) is in charge of its grad_scale.
+        fold = (getattr(optimizer, "_step_supports_amp_scaling", False)
+                and getattr(self.trainer.precision_plugin, "scaler", None) is None)
+        grad_norm = clip_gradients_(optimizer, list(self.model.parameters()), self.cfg.optim.grad_clip, fold)
         self.log("grad_norm", grad_norm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -8,7 +8,7 @@ import torch
 from launch_helpers import TINY
 
 from pope_lm.config import OptimConfig, load_config
-from pope_lm.lit_module import LitGPT, lr_at
+from pope_lm.lit_module import LitGPT, clip_gradients_, lr_at
 
 SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.head_dim=16", "data.seq_len=16",
          "model.vocab_size=64", "optim.warmup_steps=1"]
@@ -65,6 +65,37 @@ def test_accumulated_micro_batches_step_like_one_batch() -> None:
     halves = _train_one_step([batch[:2], batch[2:]], accumulate=2)
     for (name, a), b in zip(whole.named_parameters(), halves.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _clipped_steps(fold_into_step: bool, max_norm: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Three AdamW steps (fused, on the CPU) on gradients of norm ~60, ~0.06 and ~60; their norms before clipping,
+    and the parameters and gradients after the last step."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(11))]
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, fused=True)
+    norms = []
+    for scale in (4.0, 0.004, 4.0):
+        for p in params:
+            p.grad = scale * torch.randn_like(p)
+        norms.append(clip_gradients_(optimizer, params, max_norm, fold_into_step))
+        optimizer.step()
+    return norms, [t.detach().clone() for p in params for t in (p, p.grad)]
+
+
+def test_clipping_folded_into_the_fused_step_equals_clipping_before_it() -> None:
+    norms_folded, state_folded = _clipped_steps(fold_into_step=True, max_norm=1.0)
+    norms_apart, state_apart = _clipped_steps(fold_into_step=False, max_norm=1.0)
+    torch.testing.assert_close(norms_folded, norms_apart)
+    assert norms_apart[0] > 10 and norms_apart[1] < 1  # one step clipped, one left alone
+    for folded, apart in zip(state_folded, state_apart, strict=True):
+        torch.testing.assert_close(folded, apart)
+
+
+def test_clipping_disabled_leaves_the_gradients_unscaled() -> None:
+    _, unclipped = _clipped_steps(fold_into_step=True, max_norm=0.0)
+    _, clipped = _clipped_steps(fold_into_step=False, max_norm=1.0)
+    last_grad_unclipped, last_grad_clipped = unclipped[1], clipped[1]
+    assert last_grad_unclipped.norm() > 10 * last_grad_clipped.norm()
 
 
 def test_checkpoints_resume_across_compiled_and_uncompiled_models() -> None:
