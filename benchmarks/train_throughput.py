@@ -18,6 +18,8 @@ the GPU, so the numbers measure the model, optimizer and loop, not the input pip
     python benchmarks/train_throughput.py --smoke     # a few CPU steps of a tiny model, to check the script
     python benchmarks/train_throughput.py --recipes 124m --variants pope-triton rope --profile 3
                                                       # + where each bare-loop step's GPU time goes, by kernel
+    python benchmarks/train_throughput.py --recipes 124m 124m:model.fp32_residual=false --variants pope-triton
+                                                      # a recipe with overrides (key=value, comma-separated)
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pope_lm.batch_size import resolve_micro_batch_size
-from pope_lm.config import ModelConfig, RunConfig, load_config
+from pope_lm.config import ConfigError, ModelConfig, RunConfig, load_config
 from pope_lm.lit_module import LitGPT
 from pope_lm.model import GPT, padded_vocab_size
 from pope_lm.monitoring import peak_flops
@@ -146,8 +148,9 @@ KERNEL_GROUPS = (
 )
 
 
-def print_kernel_profile(events: list, steps: int, step_seconds: float, top: int = 15) -> None:
-    """GPU time per step by part and by kernel, against the timed wall time per step (busy < wall: host-bound)."""
+def print_kernel_profile(events: list, steps: int, step_seconds: float, min_share: float = 0.002) -> None:
+    """GPU time per step by part, and by kernel for every kernel with at least `min_share` of it, against the timed
+    wall time per step (busy < wall: host-bound)."""
     per_kernel: dict[str, list[float]] = {}
     for event in events:
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -161,7 +164,9 @@ def print_kernel_profile(events: list, steps: int, step_seconds: float, top: int
     busy = sum(groups.values())
     print(f"  GPU busy {busy:.2f} ms per step of {step_seconds * 1e3:.2f} ms wall; by part: "
           + ", ".join(f"{g} {ms:.2f}" for g, ms in sorted(groups.items(), key=lambda item: -item[1])), flush=True)
-    for name, (ms, calls) in sorted(per_kernel.items(), key=lambda item: -item[1][0])[:top]:
+    for name, (ms, calls) in sorted(per_kernel.items(), key=lambda item: -item[1][0]):
+        if ms < min_share * busy:
+            break
         print(f"  {ms:7.3f} ms {calls:5.0f} x  {name[:110]}", flush=True)
 
 
@@ -336,9 +341,19 @@ def parse_micro_batch(text: str) -> int | str:
         raise SystemExit(f"--micro-batch: expected a number or auto, got {text!r}") from None
 
 
+def load_recipe(spec: str) -> RunConfig:
+    """`NAME` or `NAME:key=value,key=value`: recipes/NAME.yaml with those overrides."""
+    name, _, overrides = spec.partition(":")
+    try:
+        return load_config(f"recipes/{name}.yaml", [item for item in overrides.split(",") if item])
+    except ConfigError as exc:
+        raise SystemExit(f"--recipes {spec}: {exc}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=["124m", "774m"])
+    parser.add_argument("--recipes", nargs="+", default=["124m", "774m"],
+                        help="recipes/NAME.yaml, each optionally with overrides: NAME:key=value,key=value")
     parser.add_argument("--micro-batch", nargs="+", default=None,
                         help="one per recipe, a number or auto (the size trainer.micro_batch_size=auto picks for "
                              "the PoPE run, then used by every variant; default: the recipe's)")
@@ -365,7 +380,7 @@ def main() -> None:
     peak = peak_flops(args.peak_tflops)
     results: list[Result] = []
     for i, recipe in enumerate(args.recipes):
-        cfg = load_config(f"recipes/{recipe}.yaml")
+        cfg = load_recipe(recipe)
         cfg = replace(cfg, trainer=replace(cfg.trainer, compile_mode=args.compile_mode))
         if args.micro_batch:
             cfg = replace(cfg, trainer=replace(cfg.trainer, micro_batch_size=parse_micro_batch(args.micro_batch[i])))

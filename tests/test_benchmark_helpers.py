@@ -1,16 +1,19 @@
-"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary and the
-Lightning variant's step clock, hopper_check.py's switch between this checkout's Hopper kernels, a revision's and
-Triton's, the tile counts and the fit of hopper_program_cost.py's per-program cost, and ncu_source_summary.py's
-reading of ncu's source page."""
+"""The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary, the
+Lightning variant's step clock and its recipes with overrides, compare_runs.py's reading of MLflow stores,
+hopper_check.py's switch between this checkout's Hopper kernels, a revision's and Triton's, the tile counts and the
+fit of hopper_program_cost.py's per-program cost, and ncu_source_summary.py's reading of ncu's source page."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sqlite3
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 REPO = Path(__file__).parent.parent
@@ -28,20 +31,46 @@ def _kernel(name: str, us: float, device_type=torch.autograd.DeviceType.CUDA) ->
     return SimpleNamespace(name=name, device_time_total=us, device_type=device_type)
 
 
-def test_kernel_profile_sums_each_steps_gpu_time_by_part_and_lists_the_largest_kernels(capsys) -> None:
+def test_kernel_profile_sums_each_steps_gpu_time_by_part_and_lists_the_kernels_above_a_share(capsys) -> None:
     profile = _load("train_throughput").print_kernel_profile
     events = [_kernel("_dkdv_kernel", 800.0), _kernel("_dkdv_kernel", 800.0), _kernel("_softplus_kernel", 100.0),
               _kernel("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 3000.0),
               _kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 500.0),
               _kernel("triton_poi_fused_gelu_4", 200.0), _kernel("multi_tensor_apply_kernel<FusedOptimizer>", 400.0),
               _kernel("memcpy", 100.0), _kernel("aten::mm", 9999.0, torch.autograd.DeviceType.CPU)]
-    profile(events, steps=2, step_seconds=0.004, top=2)
+    profile(events, steps=2, step_seconds=0.004, min_share=0.2)  # 1.5 and 0.8 of 2.95 ms; the next, 0.25
     summary, first, second = capsys.readouterr().out.splitlines()
     assert summary.startswith("  GPU busy 2.95 ms per step of 4.00 ms wall; by part: matmul 1.50, pope attention 0.85")
     assert "sdpa attention 0.25" in summary and "optimizer 0.20" in summary
     assert "compiled elementwise 0.10" in summary and "other 0.05" in summary
     assert "1.500 ms" in first and "nvjet" in first
     assert "0.800 ms     1 x  _dkdv_kernel" in second
+
+
+def test_throughput_recipes_take_comma_separated_overrides_after_a_colon(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    load_recipe = _load("train_throughput").load_recipe
+    assert load_recipe("124m").model.fp32_residual
+    cfg = load_recipe("124m:model.fp32_residual=false,trainer.micro_batch_size=8")
+    assert not cfg.model.fp32_residual and cfg.trainer.micro_batch_size == 8
+    with pytest.raises(SystemExit, match=re.escape("--recipes 124m:model.bogus=1: unknown key 'model.bogus'")):
+        load_recipe("124m:model.bogus=1")
+
+
+def test_compare_runs_reads_a_metrics_history_from_the_runs_mlflow_store(tmp_path) -> None:
+    compare_runs = _load("compare_runs")
+    run = tmp_path / "run"
+    run.mkdir()
+    with sqlite3.connect(run / "mlflow.db") as db:
+        db.execute("CREATE TABLE metrics (key TEXT, value REAL, timestamp INTEGER, step INTEGER)")
+        db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)",
+                       [("val/loss", 5.0, 1, 0), ("train/loss", 9.0, 2, 0), ("val/loss", 4.0, 3, 40),
+                        ("val/loss", 3.5, 4, 40)])  # two values at one step: the later one counts
+    assert compare_runs.metric_history(run, "val/loss") == {0: 5.0, 40: 3.5}
+    with pytest.raises(SystemExit, match="no values of 'test/loss'"):
+        compare_runs.metric_history(run, "test/loss")
+    with pytest.raises(SystemExit, match=r"no mlflow\.db"):
+        compare_runs.metric_history(tmp_path, "val/loss")
 
 
 def test_lightning_step_clock_stops_before_the_profiled_steps_start(monkeypatch) -> None:
