@@ -70,11 +70,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class RMSNorm(nn.RMSNorm):
-    """RMSNorm computed in fp32 and returned in its input's dtype, whatever the residual stream's dtype is: a bf16
-    stream (`fp32_residual` off) then keeps torch's fused kernel, which needs input and gain of one dtype."""
+    """RMSNorm computed in its gain's dtype and returned in its input's. Under bf16-mixed (fp32 gains) a bf16 residual
+    stream (`fp32_residual` off) is normalized in fp32; torch's fused kernel needs input and gain of one dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        return super().forward(x.to(self.weight.dtype)).type_as(x)
 
 
 class MLP(nn.Module):

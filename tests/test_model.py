@@ -94,6 +94,14 @@ def test_residual_stream_is_fp32_under_autocast_unless_fp32_residual_is_off(recw
     assert not [w for w in recwarn if "fused implementation" in str(w.message)]
 
 
+def test_norms_of_a_bf16_model_run_in_bf16_without_falling_back(recwarn):
+    model = GPT(small_config()).to(torch.bfloat16)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    assert model.final_norm(x).dtype == torch.bfloat16
+    model(torch.randint(0, 100, (2, 5)))
+    assert not [w for w in recwarn if "fused implementation" in str(w.message)]
+
+
 def test_fp32_residual_changes_nothing_without_autocast():
     idx = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     losses = []
