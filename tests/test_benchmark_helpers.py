@@ -1,7 +1,8 @@
 """The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary, the
 Lightning variant's step clock and its recipes with overrides, compare_runs.py's reading of MLflow stores,
-hopper_check.py's switch between this checkout's Hopper kernels, a revision's and Triton's, the tile counts and the
-fit of hopper_program_cost.py's per-program cost, and ncu_source_summary.py's reading of ncu's source page."""
+gelu_epilogue.py's fused kernels (interpreted), hopper_check.py's switch between this checkout's Hopper kernels, a
+revision's and Triton's, the tile counts and the fit of hopper_program_cost.py's per-program cost, and
+ncu_source_summary.py's reading of ncu's source page."""
 
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ def test_compare_runs_reads_a_metrics_history_from_the_runs_mlflow_store(tmp_pat
         compare_runs.metric_history(run, "test/loss")
     with pytest.raises(SystemExit, match=r"no mlflow\.db"):
         compare_runs.metric_history(tmp_path, "val/loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gelu_epilogue_matmuls_match_torch(dtype, capsys) -> None:
+    _load("gelu_epilogue").check(70, 48, dtype, "cpu")  # 70 x 192 outputs: partial tiles on both sides
+    assert capsys.readouterr().out.count("relative error") == 3
 
 
 def test_lightning_step_clock_stops_before_the_profiled_steps_start(monkeypatch) -> None:

@@ -1,0 +1,180 @@
+"""Could the MLP's matmuls take GELU into their epilogues and beat cuBLAS plus inductor's GELU kernels?
+
+A feasibility measurement for issue 8, before any model change. In a compiled pope-lm step the MLP runs
+
+    forward:   h = x W1^T (cuBLAS)   a = gelu(h) (inductor)          y = a W2^T
+    backward:  dA = dY W2 (cuBLAS)   dH = dA * gelu'(h) (inductor)   ...
+
+and the GELU kernels cost 2.3 ms of the 124M step (`train_throughput_results.md`, session 22): each moves the
+(tokens x 4d) tensors through HBM once more. A matmul whose epilogue applies GELU (forward: writes h and a) or
+multiplies by gelu'(h) (backward: reads h, writes dH) skips writing and re-reading dA or h. This script times both
+fused candidates (plain Triton matmuls, autotuned here) against cuBLAS plus the compiled elementwise kernel, in one
+process, at the 124M and 774M MLP shapes, and checks them against torch.
+
+    python benchmarks/gelu_epilogue.py                  # on the GPU
+    TRITON_INTERPRET=1 python benchmarks/gelu_epilogue.py --smoke   # the kernels' arithmetic, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_SQRT1_2 = tl.constexpr(1 / math.sqrt(2))
+_INV_SQRT_2PI = tl.constexpr(1 / math.sqrt(2 * math.pi))
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRETED:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (256, 128, 8, 3),
+                                 (128, 256, 8, 4), (64, 256, 4, 4))]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.jit
+def _matmul_gelu_kernel(A, B, H, Out, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                        BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """C = A B (fp32 accumulation). Forward: H = C and Out = gelu(C). Backward: Out = C * gelu'(H), H read.
+    H and Out are (M, N) contiguous."""
+    pid = tl.program_id(0)
+    # grouped order: consecutive programs share B's columns, so B's tiles stay in L2
+    group = 8
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (group * n_n)) * group
+    rows_in_group = min(n_m - first_m, group)
+    pid_m = first_m + (pid % (group * n_n)) % rows_in_group
+    pid_n = (pid % (group * n_n)) // rows_in_group
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k < K), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] + k < K) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
+    if BACKWARD:
+        h = tl.load(H + offsets, mask=ok, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.erf(h * _SQRT1_2))
+        pdf = tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+        tl.store(Out + offsets, (acc * (cdf + h * pdf)).to(Out.dtype.element_ty), mask=ok)
+    else:
+        tl.store(H + offsets, acc.to(H.dtype.element_ty), mask=ok)
+        gelu = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
+        tl.store(Out + offsets, gelu.to(Out.dtype.element_ty), mask=ok)
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, backward: bool) -> None:
+    m, k = a.shape
+    n = b.shape[1]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _matmul_gelu_kernel[grid](a, b, h, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                              BACKWARD=backward)
+
+
+def up_gelu(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x W1^T and a = gelu(h) from one kernel."""
+    h = x.new_empty(x.shape[0], w1.shape[0])
+    a = torch.empty_like(h)
+    _launch(x, w1.t(), h, a, backward=False)
+    return h, a
+
+
+def down_grad_gelu(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """dH = (dY W2) * gelu'(h) from one kernel."""
+    dh = torch.empty_like(h)
+    _launch(dy, w2, h, dh, backward=True)
+    return dh
+
+
+@torch.compile
+def _compiled_gelu(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h)
+
+
+@torch.compile
+def _compiled_gelu_backward(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(da, h)
+
+
+def check(tokens: int, d: int, dtype: torch.dtype, device: str) -> None:
+    """Both kernels against torch in fp32 on the same rounded inputs; prints the relative errors."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x, dy = (torch.randn(tokens, d, generator=g).to(device, dtype) for _ in range(2))
+    w1 = (torch.randn(4 * d, d, generator=g) * 0.05).to(device, dtype)
+    w2 = (torch.randn(d, 4 * d, generator=g) * 0.05).to(device, dtype)
+    h, a = up_gelu(x, w1)
+    h_ref = x.float() @ w1.float().t()
+    dh = down_grad_gelu(dy, w2, h)
+    dh_ref = torch.ops.aten.gelu_backward(dy.float() @ w2.float(), h.float())
+    for name, got, ref in (("h", h, h_ref), ("a", a, F.gelu(h_ref)), ("dH", dh, dh_ref)):
+        err = ((got.float() - ref).norm() / ref.norm()).item()
+        print(f"  {name}: relative error {err:.1e}", flush=True)
+        if err > (2e-2 if dtype != torch.float32 else 1e-4):
+            raise SystemExit(f"{name} is wrong: relative error {err:.1e}")
+
+
+def bench(tokens: int, d: int) -> None:
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x, dy = (torch.randn(tokens, d, generator=g).to("cuda", dtype) for _ in range(2))
+    w1 = (torch.randn(4 * d, d, generator=g) * 0.05).to("cuda", dtype)
+    w2 = (torch.randn(d, 4 * d, generator=g) * 0.05).to("cuda", dtype)
+    h = x @ w1.t()
+    flops = 2 * tokens * d * 4 * d
+    cases = {
+        "forward: cuBLAS x W1^T": lambda: x @ w1.t(),
+        "forward: compiled gelu(h)": lambda: _compiled_gelu(h),
+        "forward: fused (writes h and a)": lambda: up_gelu(x, w1),
+        "backward: cuBLAS dY W2": lambda: dy @ w2,
+        "backward: compiled gelu_backward(dA, h)": lambda: _compiled_gelu_backward(dy @ w2, h),
+        "backward: fused (reads h, writes dH)": lambda: down_grad_gelu(dy, w2, h),
+    }
+    times = {name: triton.testing.do_bench(fn, warmup=50, rep=200) for name, fn in cases.items()}
+    times["backward: compiled gelu_backward(dA, h)"] -= times["backward: cuBLAS dY W2"]  # its own kernel only
+    print(f"tokens {tokens}, d {d} -> {4 * d} (bf16, {flops / 1e9:.0f} GFLOP a matmul)")
+    for name, ms in times.items():
+        tflops = f"  {flops / ms / 1e9:6.0f} TFLOP/s" if "compiled" not in name else ""
+        print(f"  {name:42} {ms * 1e3:7.1f} us{tflops}", flush=True)
+    for side in ("forward", "backward"):
+        unfused = sum(ms for name, ms in times.items() if name.startswith(side) and "fused (" not in name)
+        fused = next(ms for name, ms in times.items() if name.startswith(side) and "fused (" in name)
+        print(f"  {side}: cuBLAS + inductor {unfused * 1e3:.1f} us, fused {fused * 1e3:.1f} us "
+              f"({fused / unfused - 1:+.1%})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="check the kernels on small shapes only (CPU under "
+                                                             "TRITON_INTERPRET=1)")
+    parser.add_argument("--shapes", nargs="+", default=["16384,768", "8192,1280"], metavar="TOKENS,D",
+                        help="the MLP's tokens per micro-batch and model width (124M at 16 x 1024, 774M at 8 x 1024)")
+    args = parser.parse_args()
+    if args.smoke:
+        check(70, 48, torch.float32, "cpu")
+        check(70, 48, torch.float16, "cpu")
+        return
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for shape in args.shapes:
+        tokens, d = (int(v) for v in shape.split(","))
+        check(tokens, d, torch.bfloat16, "cuda")
+        bench(tokens, d)
+
+
+if __name__ == "__main__":
+    main()
