@@ -112,12 +112,18 @@ def _compiled_gelu_backward(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_backward(da, h)
 
 
-def check(tokens: int, d: int, dtype: torch.dtype, device: str) -> None:
-    """Both kernels against torch in fp32 on the same rounded inputs; prints the relative errors."""
+def _inputs(tokens: int, d: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    """x and dY (tokens, d), W1 (4d, d) and W2 (d, 4d), the same for every run."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x, dy = (torch.randn(tokens, d, generator=g).to(device, dtype) for _ in range(2))
     w1 = (torch.randn(4 * d, d, generator=g) * 0.05).to(device, dtype)
     w2 = (torch.randn(d, 4 * d, generator=g) * 0.05).to(device, dtype)
+    return x, dy, w1, w2
+
+
+def check(tokens: int, d: int, dtype: torch.dtype, device: str) -> None:
+    """Both kernels against torch in fp32 on the same rounded inputs; prints the relative errors."""
+    x, dy, w1, w2 = _inputs(tokens, d, dtype, device)
     h, a = up_gelu(x, w1)
     h_ref = x.float() @ w1.float().t()
     dh = down_grad_gelu(dy, w2, h)
@@ -130,11 +136,7 @@ def check(tokens: int, d: int, dtype: torch.dtype, device: str) -> None:
 
 
 def bench(tokens: int, d: int) -> None:
-    dtype = torch.bfloat16
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x, dy = (torch.randn(tokens, d, generator=g).to("cuda", dtype) for _ in range(2))
-    w1 = (torch.randn(4 * d, d, generator=g) * 0.05).to("cuda", dtype)
-    w2 = (torch.randn(d, 4 * d, generator=g) * 0.05).to("cuda", dtype)
+    x, dy, w1, w2 = _inputs(tokens, d, torch.bfloat16, "cuda")
     h = x @ w1.t()
     flops = 2 * tokens * d * 4 * d
     cases = {
