@@ -1,7 +1,7 @@
 """The GPU benchmarks' host-side helpers, on the CPU: train_throughput.py's per-kernel profile summary, the
-Lightning variant's step clock and its recipes with overrides, compare_runs.py's reading of MLflow stores,
-gelu_epilogue.py's fused kernels (interpreted), hopper_check.py's switch between this checkout's Hopper kernels, a
-revision's and Triton's, the tile counts and the fit of hopper_program_cost.py's per-program cost, and
+Lightning variant's step clock and its recipes with overrides, compare_runs.py's reading of MLflow stores and its
+paired table, gelu_epilogue.py's fused kernels (interpreted), hopper_check.py's switch between this checkout's Hopper
+kernels, a revision's and Triton's, the tile counts and the fit of hopper_program_cost.py's per-program cost, and
 ncu_source_summary.py's reading of ncu's source page."""
 
 from __future__ import annotations
@@ -72,6 +72,18 @@ def test_compare_runs_reads_a_metrics_history_from_the_runs_mlflow_store(tmp_pat
         compare_runs.metric_history(run, "test/loss")
     with pytest.raises(SystemExit, match=r"no mlflow\.db"):
         compare_runs.metric_history(tmp_path, "val/loss")
+
+
+def test_compare_runs_pairs_show_each_seeds_difference_their_mean_and_the_baselines_spread(capsys) -> None:
+    compare_runs = _load("compare_runs")
+    runs = [Path(name) for name in ("fp32-s1", "bf16-s1", "fp32-s2", "bf16-s2")]
+    histories = [{0: 10.0, 50: 4.00}, {0: 10.0, 50: 4.03}, {0: 10.0, 50: 4.10}, {0: 10.0, 50: 4.09, 60: 3.9}]
+    compare_runs.print_paired(runs, histories, "val/loss")
+    lines = capsys.readouterr().out.splitlines()
+    assert "| bf16-s1 - fp32-s1 | bf16-s2 - fp32-s2 | mean (std. error) | baselines' std |" in lines[2]
+    assert lines[4] == "| 0 | +0.0000 | +0.0000 | +0.0000 (0.0000) | 0.0000 |"
+    assert lines[5] == "| 50 | +0.0300 | -0.0100 | +0.0100 (0.0200) | 0.0707 |"  # step 60: not in every run
+    assert len(lines) == 6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
