@@ -18,7 +18,7 @@ the GPU, so the numbers measure the model, optimizer and loop, not the input pip
     python benchmarks/train_throughput.py --smoke     # a few CPU steps of a tiny model, to check the script
     python benchmarks/train_throughput.py --recipes 124m --variants pope-triton rope --profile 3
                                                       # + where each bare-loop step's GPU time goes, by kernel
-    python benchmarks/train_throughput.py --recipes 124m 124m:model.fp32_residual=false --variants pope-triton
+    python benchmarks/train_throughput.py --recipes 124m 124m:model.fp32_residual=true --variants pope-triton
                                                       # a recipe with overrides (key=value, comma-separated)
 """
 

@@ -70,8 +70,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class RMSNorm(nn.RMSNorm):
-    """RMSNorm computed in its gain's dtype and returned in its input's. Under bf16-mixed (fp32 gains) a bf16 residual
-    stream (`fp32_residual` off) is normalized in fp32; torch's fused kernel needs input and gain of one dtype."""
+    """RMSNorm computed in its gain's dtype and returned in its input's. Under bf16-mixed (fp32 gains) the bf16 residual
+    stream (the default, `fp32_residual` off) is normalized in fp32; torch's fused kernel needs input and gain of one
+    dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).type_as(x)
@@ -139,7 +140,7 @@ class GPT(nn.Module):
         return linear_cross_entropy(self.final_norm(x), self.embedding.weight, targets)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """The residual stream's start: the token embeddings, fp32 under autocast unless `fp32_residual` is off."""
+        """The residual stream's start: the token embeddings, cast to the autocast dtype unless `fp32_residual`."""
         x = self.embedding(idx)
         device = x.device.type
         if not self.cfg.fp32_residual and torch.is_autocast_enabled(device):

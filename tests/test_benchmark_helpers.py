@@ -51,9 +51,9 @@ def test_kernel_profile_sums_each_steps_gpu_time_by_part_and_lists_the_kernels_a
 def test_throughput_recipes_take_comma_separated_overrides_after_a_colon(monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     load_recipe = _load("train_throughput").load_recipe
-    assert load_recipe("124m").model.fp32_residual
-    cfg = load_recipe("124m:model.fp32_residual=false,trainer.micro_batch_size=8")
-    assert not cfg.model.fp32_residual and cfg.trainer.micro_batch_size == 8
+    assert not load_recipe("124m").model.fp32_residual
+    cfg = load_recipe("124m:model.fp32_residual=true,trainer.micro_batch_size=8")
+    assert cfg.model.fp32_residual and cfg.trainer.micro_batch_size == 8
     with pytest.raises(SystemExit, match=re.escape("--recipes 124m:model.bogus=1: unknown key 'model.bogus'")):
         load_recipe("124m:model.bogus=1")
 

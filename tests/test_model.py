@@ -81,12 +81,12 @@ def _block_input_dtypes_and_loss(model: GPT, idx: torch.Tensor) -> tuple[set[tor
     return dtypes, loss.item()
 
 
-def test_residual_stream_is_fp32_under_autocast_unless_fp32_residual_is_off(recwarn):
+def test_residual_stream_is_bf16_under_autocast_unless_fp32_residual_is_on(recwarn):
     idx = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    fp32_dtypes, fp32_loss = _block_input_dtypes_and_loss(GPT(small_config()), idx)
+    fp32_dtypes, fp32_loss = _block_input_dtypes_and_loss(GPT(small_config(fp32_residual=True)), idx)
     torch.manual_seed(0)
-    bf16_dtypes, bf16_loss = _block_input_dtypes_and_loss(GPT(small_config(fp32_residual=False)), idx)
+    bf16_dtypes, bf16_loss = _block_input_dtypes_and_loss(GPT(small_config()), idx)
     assert fp32_dtypes == {torch.float32}
     assert bf16_dtypes == {torch.bfloat16}
     assert bf16_loss == pytest.approx(fp32_loss, rel=1e-2)
