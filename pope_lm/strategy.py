@@ -160,9 +160,13 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> None:
 
 
 def build_strategy(cfg: RunConfig, accelerator: str, precision: str) -> str | Strategy:
-    """The Lightning strategy: the name for auto and ddp, a configured DeepSpeedStrategy for deepspeed."""
+    """The Lightning strategy: the name for auto and ddp, a configured DeepSpeedStrategy for deepspeed.
+
+    ddp on one process becomes auto (Lightning's single-device strategy): with nothing to all-reduce, DDP would only
+    copy the gradients into its buckets and, under torch.compile, have dynamo's DDPOptimizer split the model's graph
+    at bucket boundaries, which costs fusions and adds a CUDA graph per piece."""
     if cfg.trainer.strategy != "deepspeed":
-        return cfg.trainer.strategy
+        return "auto" if cfg.trainer.strategy == "ddp" and world_size(cfg) == 1 else cfg.trainer.strategy
     if accelerator != "gpu":
         raise ConfigError("'trainer.strategy' deepspeed needs GPUs (Lightning's DeepSpeedStrategy refuses the CPU); "
                           "use ddp on CPU")

@@ -143,9 +143,15 @@ def test_impossible_strategy_settings_are_one_line_errors(overrides: tuple[str, 
 
 
 def test_deepspeed_is_refused_on_cpu_with_a_pointer_to_ddp() -> None:
-    assert build_strategy(_cfg("trainer.strategy=ddp"), "cpu", "32-true") == "ddp"
+    assert build_strategy(_cfg("trainer.strategy=ddp", "trainer.devices=2"), "cpu", "32-true") == "ddp"
     with pytest.raises(ConfigError, match=r"deepspeed needs GPUs .* use ddp on CPU"):
         build_strategy(_cfg(*DEEPSPEED), "cpu", "32-true")
+
+
+def test_ddp_on_one_process_trains_with_the_single_device_strategy() -> None:
+    # DDP with nothing to all-reduce would still split the compiled graph at its buckets (dynamo's DDPOptimizer)
+    assert build_strategy(_cfg("trainer.strategy=ddp", "trainer.devices=1"), "gpu", "bf16-mixed") == "auto"
+    assert build_strategy(_cfg("trainer.strategy=ddp", "trainer.num_nodes=2"), "gpu", "bf16-mixed") == "ddp"
 
 
 def test_resuming_a_zero_directory_without_deepspeed_is_a_one_line_error(tmp_path: Path,
