@@ -9,8 +9,9 @@ For each recipe (124m, 774m by default) and the same micro-batch, it times 30 op
   nanogpt         a plain nanoGPT-style GPT-2 of the same size (LayerNorm, learned positions, SDPA), compiled
 
 and reports tokens/s, MFU (each model's own FLOPs per token: PoPE's Q K^T counted at width 2D; peak 989
-TFLOP/s bf16 for H100/H200 unless --peak-tflops) and peak memory. Data are random token blocks already on
-the GPU, so the numbers measure the model, optimizer and loop, not the input pipeline.
+TFLOP/s bf16 for H100/H200 unless --peak-tflops), peak memory and the card's memory in use outside PyTorch's
+allocator. Data are random token blocks already on the GPU, so the numbers measure the model, optimizer and loop,
+not the input pipeline.
 
     python benchmarks/train_throughput.py --recipes 124m 774m --out results.json
     python benchmarks/train_throughput.py --recipes 124m --seq-len 64 128 256 512 1024 \
@@ -93,6 +94,10 @@ class Result:
     tokens_per_s: float
     mfu: float
     peak_gib: float
+    # The card's memory in use (cudaMemGetInfo) minus what PyTorch's caching allocator holds: the CUDA context,
+    # library workspaces, loaded kernels and the local memory of spilling ones. It accumulates over a process's
+    # variants, so only the first row is the variant's own.
+    outside_allocator_gib: float
 
 
 def random_batches(n: int, batch: int, seq_len: int, vocab: int, device: torch.device) -> list[torch.Tensor]:
@@ -285,11 +290,15 @@ def measure(name: str, variant: str, cfg: RunConfig, micro_batch: int, run: Call
         torch.cuda.reset_peak_memory_stats(device)
     seconds = run()
     tokens = micro_batch * cfg.data.seq_len / seconds
-    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    peak_gib = outside_gib = math.nan
+    if device.type == "cuda":
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        free, total = torch.cuda.mem_get_info(device)
+        outside_gib = (total - free - torch.cuda.memory_reserved(device)) / 2**30
     mfu = tokens * flops_per_token / peak if peak else math.nan
-    result = Result(name, variant, micro_batch, seconds * 1e3, tokens, mfu, peak_gib)
+    result = Result(name, variant, micro_batch, seconds * 1e3, tokens, mfu, peak_gib, outside_gib)
     print(f"{name:6} {variant:15} {result.ms_per_step:8.1f} ms {tokens:12,.0f} tok/s  MFU {mfu:6.1%}  "
-          f"peak {peak_gib:5.1f} GiB", flush=True)
+          f"peak {peak_gib:5.1f} GiB  outside the allocator {outside_gib:5.1f} GiB", flush=True)
     return result
 
 
@@ -408,11 +417,11 @@ def main() -> None:
     except ImportError:
         pass
     print(f"\n{env}\n")
-    print("| recipe | variant | micro-batch | ms/step | tokens/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| recipe | variant | micro-batch | ms/step | tokens/s | MFU | peak GiB | outside the allocator GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r.recipe} | {r.variant} | {r.micro_batch} | {r.ms_per_step:.1f} | {r.tokens_per_s:,.0f} | "
-              f"{r.mfu:.1%} | {r.peak_gib:.1f} |")
+              f"{r.mfu:.1%} | {r.peak_gib:.1f} | {r.outside_allocator_gib:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"env": env, "results": [r.__dict__ for r in results]}, f, indent=2)
