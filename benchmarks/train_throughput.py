@@ -94,9 +94,9 @@ class Result:
     tokens_per_s: float
     mfu: float
     peak_gib: float
-    # The card's memory in use (cudaMemGetInfo) minus what PyTorch's caching allocator holds: the CUDA context,
-    # library workspaces, loaded kernels and the local memory of spilling ones. It accumulates over a process's
-    # variants, so only the first row is the variant's own.
+    # The card's memory in use (cudaMemGetInfo, by every process on it) minus what PyTorch's caching allocator holds:
+    # the CUDA context, library workspaces, loaded kernels and the local memory of spilling ones. It accumulates over
+    # a process's variants, so only the first row is the variant's own.
     outside_allocator_gib: float
 
 
