@@ -26,6 +26,10 @@ CONFIG_KEY = "pope_lm_config"
 IGNORE = -100  # cross_entropy's ignore_index: targets that are not scored
 
 
+# torch.compile modes that replay the compiled graphs as CUDA graphs
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Linear warmup from 0 to lr over warmup_steps, then cosine decay to min_lr at decay_steps (default: max_steps),
     then min_lr until the end."""
@@ -146,11 +150,14 @@ class LitGPT(L.LightningModule):
         self.log_dict(self._eval_results(split), prog_bar=True, sync_dist=False)
 
     def on_train_start(self) -> None:
-        # Score the initial model so every run's curve starts from a measured point at step 0.
+        # Score the initial model so every run's curve starts from a measured point at step 0. In the precision the
+        # validation steps run in (Lightning sets it up around its steps, not around this hook): without autocast,
+        # a bf16-mixed run would score step 0 in fp32, compile a graph for it, and on the GPU launch fp32 attention
+        # kernels whose spills make CUDA reserve ~7 GB of local memory for the rest of the run.
         if self.global_step == 0 and self.trainer.datamodule is not None:
             was_training = self.training
             self.eval()
-            with torch.no_grad():
+            with torch.no_grad(), self.trainer.precision_plugin.val_step_context():
                 for batch in self.trainer.datamodule.val_dataloader():
                     self._update_eval(batch.to(self.device))
             results = self._eval_results("val")
@@ -184,12 +191,37 @@ class LitGPT(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed's engine owns and clears them
-            # Lightning zeroes the gradients inside the next step, after its forward pass, so they would stay alive
-            # through it: one fp32 copy of the parameters on top of the activations at peak (2.9 GB at 774M).
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy) and not self._keeps_gradients():
+            # (DeepSpeed's engine owns and clears them.) Lightning zeroes the gradients inside the next step, after
+            # its forward pass, so they would stay alive through it: one fp32 copy of the parameters on top of the
+            # activations at peak (2.9 GB at 774M).
             self.optimizers().zero_grad(set_to_none=True)  # type: ignore[union-attr]
         self.model.clamp_phase_biases_()
         log_host_value(self, "lr", self.lr_schedulers().get_last_lr()[0])  # type: ignore[union-attr]
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if not self._keeps_gradients():
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+            return
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is None and param.requires_grad:
+                    param.grad = torch.zeros_like(param)
+        optimizer.zero_grad(set_to_none=False)
+
+    def _keeps_gradients(self) -> bool:
+        """Whether .grad stays allocated between steps (zeroed in place): when a compiled model replays CUDA graphs
+        and micro-batches accumulate.
+
+        A CUDA graph's backward returns the gradients in the graph's own output memory, which its next replay
+        overwrites. With .grad freed, the first micro-batch's gradient would be installed as .grad as it is (autograd
+        adopts an incoming gradient when nothing is there), and the next micro-batch's replay would overwrite it
+        before adding to it: torch stops with "accessing tensor output of CUDAGraphs that has been overwritten"
+        (pytorch/pytorch#169545). Added into a .grad of its own instead, each gradient is read before the next
+        replay. The cost is the fp32 gradients alive through the forward pass (0.5 GB at 124M, 2.9 GB at 774M)."""
+        return (self.cfg.trainer.compile_mode in CUDA_GRAPH_COMPILE_MODES and hasattr(self.model, "_orig_mod")
+                and self.trainer.accumulate_grad_batches > 1
+                and not isinstance(self.trainer.strategy, DeepSpeedStrategy))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The config travels with the weights, so evaluation and export rebuild the model from the file alone.

@@ -40,10 +40,13 @@ class _GradientsAfterStep(L.Callback):
             self.held.append(any(p.grad is not None for p in pl_module.parameters()))
 
 
-def _train_one_step(batches: list[torch.Tensor], accumulate: int, callback: L.Callback | None = None) -> LitGPT:
+def _train_one_step(batches: list[torch.Tensor], accumulate: int, callback: L.Callback | None = None,
+                    overrides: tuple[str, ...] = (), compiled: bool = False, steps: int = 1) -> LitGPT:
     torch.manual_seed(0)
-    module = LitGPT(load_config(TINY, SMALL))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=accumulate,
+    module = LitGPT(load_config(TINY, [*SMALL, *overrides]))
+    if compiled:  # dynamo's wrapper, without inductor: what LitGPT sees of a compiled model, compiled in no time
+        module.model = torch.compile(module.model, backend="eager")  # type: ignore[assignment]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=[callback] if callback else [])
@@ -56,6 +59,39 @@ def test_gradients_are_freed_right_after_the_optimizer_step() -> None:
     batch = torch.randint(0, 64, (4, 17))
     probe = _GradientsAfterStep()
     _train_one_step([batch], accumulate=1, callback=probe)
+    assert probe.held == [False]
+
+
+class _GradientStorage(L.Callback):
+    """Records each parameter's .grad storage before every backward (None where there is no .grad)."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int | None]] = []
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self.seen.append([None if p.grad is None else p.grad.data_ptr() for p in pl_module.parameters()])
+
+
+def test_gradients_stay_allocated_when_cuda_graphs_replay_accumulated_micro_batches() -> None:
+    # Every micro-batch's gradient is added into a .grad of its own, never adopted from the graph's output memory
+    # that the next replay overwrites (pytorch/pytorch#169545); the first backward already finds one.
+    batch = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    probe = _GradientStorage()
+    graphed = _train_one_step([batch[:2], batch[2:]], accumulate=2, callback=probe, steps=2, compiled=True,
+                              overrides=("trainer.compile_mode=reduce-overhead",))
+    assert len(probe.seen) == 4 and None not in probe.seen[0]
+    assert all(seen == probe.seen[0] for seen in probe.seen)
+    # and the steps are the ones freed gradients take
+    freed = _train_one_step([batch[:2], batch[2:]], accumulate=2, steps=2, compiled=True)
+    for (name, a), b in zip(graphed.named_parameters(), freed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_gradients_are_freed_between_steps_without_accumulation_under_cuda_graphs() -> None:
+    batch = torch.randint(0, 64, (4, 17))
+    probe = _GradientsAfterStep()
+    _train_one_step([batch], accumulate=1, callback=probe, compiled=True,
+                    overrides=("trainer.compile_mode=reduce-overhead",))
     assert probe.held == [False]
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from pope_lm.config import load_config
 from pope_lm.data.corpora import prepare_text
 from pope_lm.data.prepare import Settings
 from pope_lm.data.shards import write_token_dataset
-from pope_lm.train import compiles
+from pope_lm.train import compiles, train
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +141,33 @@ def test_phase_biases_stay_in_range_during_training(tmp_path, word_corpus):
     deltas = torch.stack([v for k, v in state.items() if k.endswith("position.delta")])
     assert deltas.min() >= -2 * math.pi and deltas.max() <= 0.0
     assert (deltas == 0.0).any() or (deltas == -2 * math.pi).any(), "the test did not push delta to a bound"
+
+
+class _BlockInputDtypesBeforeTheFirstStep(L.Callback):
+    """The dtypes of the residual stream entering the blocks during the step-0 validation (LitGPT.on_train_start,
+    which runs after the callbacks' on_train_start)."""
+
+    def __init__(self) -> None:
+        self.dtypes: set[torch.dtype] = set()
+        self.hooks: list = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.hooks = [block.register_forward_pre_hook(lambda _, args: self.dtypes.add(args[0].dtype))
+                      for block in pl_module.model.blocks]
+
+    def on_train_batch_start(self, *args: object) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def test_step_zero_validation_runs_in_the_runs_precision(tmp_path, word_corpus):
+    # Under bf16-mixed it must run under autocast, as later validations do (on the GPU an fp32 pass also launched
+    # the fp32 attention kernels, whose spills made CUDA reserve ~7 GB of local memory for the rest of the run).
+    probe = _BlockInputDtypesBeforeTheFirstStep()
+    train(load_config("recipes/tiny.yaml", [*MICRO, f"data.dataset={word_corpus}", "trainer.max_steps=1",
+                                            "trainer.precision=bf16-mixed", "tracking.enabled=false",
+                                            "data.num_workers=0", f"run_dir={tmp_path / 'run'}"]), [probe])
+    assert probe.dtypes == {torch.bfloat16}
 
 
 def test_missing_dataset_fails_with_one_line(tmp_path):
