@@ -522,6 +522,19 @@ _BLOCKS = {
     "dkdv": {64: [(64, 128, 8, 2), (32, 128, 8, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)]},
     "dkdv_dq": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2)], 128: [(32, 64, 8, 2), (16, 64, 4, 2)]},
 }
+# fp32 inputs (products in full fp32, DOT_PRECISION "ieee") hold twice the bytes per tile in registers: the tiles
+# above spill 7-27 KB a thread there and ran 8-12x slower than the ones below, and CUDA reserves the largest spill
+# of any launched kernel, autotuning candidates included, for every thread of the card (27 KB: 6.9 GiB on an H100)
+# for the rest of the process. Measured on the H100 with benchmarks/attention_tiles.py at (2, 12, 1024, 64) and
+# (1, 8, 1024, 128), session 24: fwd at D = 64 724 us with no spill against 8-9 ms for the bf16 tiles; each row here
+# was the fastest tile without, or with under 1 KB of, spill. The dk/dv pass at D = 128 was not measured: its tile
+# follows the forward's there (8 warps, no spill at 32 x 32).
+_FP32_BLOCKS = {
+    "fwd": {64: [(32, 32, 4, 1)], 128: [(32, 32, 8, 1)]},
+    "dq": {64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)]},
+    "dkdv": {64: [(32, 32, 4, 1)], 128: [(32, 32, 8, 1)]},
+    "dkdv_dq": {64: [(32, 32, 4, 1)], 128: [(32, 32, 8, 1)]},
+}
 
 
 def _zero_accumulators(nargs: dict) -> None:
@@ -533,13 +546,14 @@ def _zero_accumulators(nargs: dict) -> None:
 
 def _autotune(kernel, name: str, pre_hook=None):
     def for_head_dim(configs, named_args, **kwargs):
-        blocks = _BLOCKS["dkdv_dq" if kwargs.get("FUSED_DQ") else name]
-        wanted = blocks[max(64, kwargs["HEAD_DIM"])]
+        table = _FP32_BLOCKS if kwargs["DOT_PRECISION"] == "ieee" else _BLOCKS
+        wanted = table["dkdv_dq" if kwargs.get("FUSED_DQ") else name][max(64, kwargs["HEAD_DIM"])]
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     names = [name, "dkdv_dq"] if name == "dkdv" else [name]
-    candidates = dict.fromkeys(b for n in names for bs in _BLOCKS[n].values() for b in bs)
+    candidates = dict.fromkeys(b for table in (_BLOCKS, _FP32_BLOCKS) for n in names for bs in table[n].values()
+                               for b in bs)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
                for m, n, w, s in candidates]
     key = ["n_q", "n_k", "HEAD_DIM", "CAUSAL"] + (["FUSED_DQ"] if name == "dkdv" else [])

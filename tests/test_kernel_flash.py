@@ -99,8 +99,22 @@ def test_both_dq_paths_head_dim_128(dq_path):
 
 
 def _gpu_tiles(name: str) -> list[tuple[int, int]]:
-    """The distinct (BLOCK_M, BLOCK_N) among the GPU's autotuning candidates of a pass for head dim 64 (and 32)."""
-    return list(dict.fromkeys((m, n) for m, n, _, _ in flash._BLOCKS[name][64]))
+    """The distinct (BLOCK_M, BLOCK_N) among the GPU's autotuning candidates of a pass for head dim 64 (and 32), for
+    fp16/bf16 and for fp32 inputs."""
+    tables = (flash._BLOCKS, flash._FP32_BLOCKS)
+    return list(dict.fromkeys((m, n) for table in tables for m, n, _, _ in table[name][64]))
+
+
+@pytest.mark.parametrize("name", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_fp32_inputs_autotune_over_their_own_tiles(name, head_dim):
+    # bf16's tiles spill 7-27 KB a thread with fp32 operands, and CUDA keeps that much local memory for every thread
+    # of the card for the rest of the process once one of them has run, even as an autotuning trial
+    tuned = {"fwd": flash._fwd_tuned, "dq": flash._dq_tuned, "dkdv": flash._dkdv_tuned}[name]
+    for precision, table in (("ieee", flash._FP32_BLOCKS), ("tf32", flash._BLOCKS)):
+        kept = tuned.early_config_prune(tuned.configs, {}, HEAD_DIM=head_dim, DOT_PRECISION=precision, FUSED_DQ=False)
+        tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+        assert tiles == table[name][max(64, head_dim)]
 
 
 def _gpu_tile_sets() -> list:
