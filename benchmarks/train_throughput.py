@@ -3,15 +3,19 @@
 For each recipe (124m, 774m by default) and the same micro-batch, it times 30 optimizer steps after warm-up:
 
   pope-triton     pope-lm PoPE, Triton kernel, torch.compile, bf16, fused AdamW (bare loop)
-  pope-lightning  the same module driven by a Lightning Trainer (Lightning's overhead = this vs pope-triton)
+  pope-lightning  the same module driven by a Lightning Trainer with the recipe's strategy, as `pope-lm train` builds
+                  it (Lightning's overhead = this vs pope-triton)
+  pope-lightning-ddp  the same under Lightning's DDP with one process: what DDP costs each rank besides its
+                  all-reduces (gradient buckets, the compiled graph split at them); what `ddp` recipes ran on one
+                  GPU before `build_strategy` made that single-device
   rope            pope-lm with RoPE (SDPA), compiled
   pope-reference  pope-lm PoPE through the plain-torch reference backend (materialized q', k' + SDPA), compiled
   nanogpt         a plain nanoGPT-style GPT-2 of the same size (LayerNorm, learned positions, SDPA), compiled
 
 and reports tokens/s, MFU (each model's own FLOPs per token: PoPE's Q K^T counted at width 2D; peak 989
 TFLOP/s bf16 for H100/H200 unless --peak-tflops), peak memory and the card's memory in use outside PyTorch's
-allocator. Data are random token blocks already on the GPU, so the numbers measure the model, optimizer and loop,
-not the input pipeline.
+allocator, with the local memory CUDA reserves for spilling kernels. Data are random token blocks already on the
+GPU, so the numbers measure the model, optimizer and loop, not the input pipeline.
 
     python benchmarks/train_throughput.py --recipes 124m 774m --out results.json
     python benchmarks/train_throughput.py --recipes 124m --seq-len 64 128 256 512 1024 \
@@ -46,6 +50,7 @@ from pope_lm.config import ConfigError, ModelConfig, RunConfig, load_config
 from pope_lm.lit_module import LitGPT
 from pope_lm.model import GPT, padded_vocab_size
 from pope_lm.monitoring import peak_flops
+from pope_lm.strategy import build_strategy
 
 
 class NanoGPT(nn.Module):
@@ -98,6 +103,9 @@ class Result:
     # the CUDA context, library workspaces, loaded kernels and the local memory of spilling ones. It accumulates over
     # a process's variants, so only the first row is the variant's own.
     outside_allocator_gib: float
+    # Of that, the local memory (spills, stacks) CUDA reserves: the largest per-thread size any kernel launched so far
+    # needed, for every thread the card can hold at once. The driver grows it on launch and never shrinks it.
+    local_memory_gib: float
 
 
 def random_batches(n: int, batch: int, seq_len: int, vocab: int, device: torch.device) -> list[torch.Tensor]:
@@ -248,9 +256,10 @@ class _SyncProbe(L.Callback):
 
 
 def time_lightning(cfg: RunConfig, batches: list[torch.Tensor], warmup: int, steps: int,
-                   device: torch.device, profile_steps: int = 0) -> float:
-    """Seconds per optimizer step of the pope-lm LightningModule under a Lightning Trainer; with profile_steps, then
-    prints where that many more steps spent their GPU time."""
+                   device: torch.device, profile_steps: int = 0, strategy: str | None = None) -> float:
+    """Seconds per optimizer step of the pope-lm LightningModule under a Lightning Trainer with `strategy` (default:
+    the recipe's, as `pope-lm train` builds it); with profile_steps, then prints where that many more steps spent
+    their GPU time."""
     module = LitGPT(cfg)
     if device.type == "cuda":
         module.model = torch.compile(module.model, mode=cfg.trainer.compile_mode)  # type: ignore[assignment]
@@ -259,15 +268,20 @@ def time_lightning(cfg: RunConfig, batches: list[torch.Tensor], warmup: int, ste
     callbacks: list[L.Callback] = [timer]
     if device.type == "cuda" and warmup >= 4:
         callbacks.append(_SyncProbe(warmup - 3, warmup - 1))
+    accelerator, precision = ("gpu", "bf16-mixed") if device.type == "cuda" else ("cpu", "32-true")
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        accelerator=accelerator, devices=1, precision=precision,
+        strategy=strategy or build_strategy(_one_device(cfg), accelerator, precision),
         max_steps=warmup + steps + profile_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
     )
     loader = torch.utils.data.DataLoader(_Repeat(batches, warmup + steps + profile_steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return timer.seconds_per_step
+
+
+def _one_device(cfg: RunConfig) -> RunConfig:
+    return replace(cfg, trainer=replace(cfg.trainer, devices=1, num_nodes=1))
 
 
 class _Repeat(torch.utils.data.IterableDataset):
@@ -283,6 +297,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def local_memory_gib(device: torch.device) -> float:
+    """The local memory CUDA holds for the current context: its per-thread stack size (cuCtxGetLimit, which the driver
+    raises to what each launched kernel needs) times the threads the card can hold at once."""
+    import ctypes
+
+    stack_bytes = ctypes.c_size_t()
+    if ctypes.CDLL("libcuda.so.1").cuCtxGetLimit(ctypes.byref(stack_bytes), 0):  # 0: CU_LIMIT_STACK_SIZE
+        return math.nan
+    props = torch.cuda.get_device_properties(device)
+    return stack_bytes.value * props.multi_processor_count * props.max_threads_per_multi_processor / 2**30
+
+
+def outside_allocator_gib(device: torch.device) -> float:
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free - torch.cuda.memory_reserved(device)) / 2**30
+
+
 def measure(name: str, variant: str, cfg: RunConfig, micro_batch: int, run: Callable[[], float],
             flops_per_token: float, device: torch.device, peak: float | None) -> Result:
     if device.type == "cuda":
@@ -290,19 +321,20 @@ def measure(name: str, variant: str, cfg: RunConfig, micro_batch: int, run: Call
         torch.cuda.reset_peak_memory_stats(device)
     seconds = run()
     tokens = micro_batch * cfg.data.seq_len / seconds
-    peak_gib = outside_gib = math.nan
+    peak_gib = outside_gib = local_gib = math.nan
     if device.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-        free, total = torch.cuda.mem_get_info(device)
-        outside_gib = (total - free - torch.cuda.memory_reserved(device)) / 2**30
+        outside_gib, local_gib = outside_allocator_gib(device), local_memory_gib(device)
     mfu = tokens * flops_per_token / peak if peak else math.nan
-    result = Result(name, variant, micro_batch, seconds * 1e3, tokens, mfu, peak_gib, outside_gib)
-    print(f"{name:6} {variant:15} {result.ms_per_step:8.1f} ms {tokens:12,.0f} tok/s  MFU {mfu:6.1%}  "
-          f"peak {peak_gib:5.1f} GiB  outside the allocator {outside_gib:5.1f} GiB", flush=True)
+    result = Result(name, variant, micro_batch, seconds * 1e3, tokens, mfu, peak_gib, outside_gib, local_gib)
+    print(f"{name:6} {variant:18} {result.ms_per_step:8.1f} ms {tokens:12,.0f} tok/s  MFU {mfu:6.1%}  "
+          f"peak {peak_gib:5.1f} GiB  outside the allocator {outside_gib:5.1f} GiB (local memory {local_gib:4.1f})",
+          flush=True)
     return result
 
 
-VARIANTS = ("pope-triton", "pope-lightning", "rope", "pope-reference", "nanogpt")
+VARIANTS = ("pope-triton", "pope-lightning", "pope-lightning-ddp", "rope", "pope-reference", "nanogpt")
+LIGHTNING_STRATEGIES = {"pope-lightning": None, "pope-lightning-ddp": "ddp"}  # None: the recipe's
 
 
 def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps: int, device: torch.device,
@@ -325,10 +357,12 @@ def bench_recipe(name: str, cfg: RunConfig, micro_batch: int, warmup: int, steps
     lit_cfg = replace(cfg, model=replace(cfg.model, attention_backend=kernel))
     results = []
     for variant in variants:
-        if variant == "pope-lightning":
+        if variant in LIGHTNING_STRATEGIES:
             flops = GPT(cfg.model).flops_per_token(seq_len)
+            strategy = LIGHTNING_STRATEGIES[variant]
             results.append(measure(name, variant, cfg, micro_batch,
-                                   lambda: time_lightning(lit_cfg, batches, warmup, steps, device, profile_steps),
+                                   lambda s=strategy: time_lightning(lit_cfg, batches, warmup, steps, device,
+                                                                     profile_steps, s),
                                    flops, device, peak))
             continue
         model = builds[variant]()
@@ -387,6 +421,10 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     peak = peak_flops(args.peak_tflops)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # creates the context: the rows' memory outside the allocator starts from this
+        print(f"before any variant: outside the allocator {outside_allocator_gib(device):.2f} GiB "
+              f"(local memory {local_memory_gib(device):.2f})", flush=True)
     results: list[Result] = []
     for i, recipe in enumerate(args.recipes):
         cfg = load_recipe(recipe)
@@ -417,11 +455,12 @@ def main() -> None:
     except ImportError:
         pass
     print(f"\n{env}\n")
-    print("| recipe | variant | micro-batch | ms/step | tokens/s | MFU | peak GiB | outside the allocator GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recipe | variant | micro-batch | ms/step | tokens/s | MFU | peak GiB | outside the allocator GiB | "
+          "of it local memory GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r.recipe} | {r.variant} | {r.micro_batch} | {r.ms_per_step:.1f} | {r.tokens_per_s:,.0f} | "
-              f"{r.mfu:.1%} | {r.peak_gib:.1f} | {r.outside_allocator_gib:.1f} |")
+              f"{r.mfu:.1%} | {r.peak_gib:.1f} | {r.outside_allocator_gib:.1f} | {r.local_memory_gib:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"env": env, "results": [r.__dict__ for r in results]}, f, indent=2)

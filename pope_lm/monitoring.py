@@ -29,7 +29,9 @@ def peak_flops(configured_tflops: float) -> float | None:
 
 class SpeedMonitor(L.Callback):
     """Logs tokens/s (all ranks together) and MFU, averaged over the optimizer steps between log points, and on a
-    GPU the peak memory PyTorch has allocated on rank 0 so far (`gpu/peak_allocated_gib`).
+    GPU the peak memory PyTorch has allocated on rank 0 so far (`gpu/peak_allocated_gib`) and the peak its caching
+    allocator has held from the card (`gpu/peak_reserved_gib`: the allocations plus cached free blocks, what the
+    process needs of the card beyond the CUDA context and libraries).
 
     MFU = tokens/s x model FLOPs per token / (world size x per-device peak); FLOPs per token come from
     `GPT.flops_per_token` (6N plus the attention terms, PoPE's Q K^T counted at width 2D).
@@ -57,9 +59,10 @@ class SpeedMonitor(L.Callback):
             metrics["mfu"] = tokens_per_s * self.flops_per_token / (trainer.world_size * self.peak)
         for name, value in metrics.items():
             log_host_value(pl_module, name, value, prog_bar=True, rank_zero_only=True)
-        if pl_module.device.type == "cuda":  # the caching allocator's own count: read on the host, no device sync
-            peak_gib = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
-            log_host_value(pl_module, "gpu/peak_allocated_gib", peak_gib, rank_zero_only=True)
+        if pl_module.device.type == "cuda":  # the caching allocator's own counts: read on the host, no device sync
+            for name, peak_bytes in (("gpu/peak_allocated_gib", torch.cuda.max_memory_allocated(pl_module.device)),
+                                     ("gpu/peak_reserved_gib", torch.cuda.max_memory_reserved(pl_module.device))):
+                log_host_value(pl_module, name, peak_bytes / 2**30, rank_zero_only=True)
         self._window_start, self._window_step = now, step
 
 
