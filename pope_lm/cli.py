@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("POPE_LM_LOG_LEVEL", "INFO"), format="%(message)s")
+    # Lightning's package logger prints through a handler of its own and still propagates to the root's: every
+    # Lightning message would appear twice.
+    logging.getLogger("lightning").propagate = False
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -59,9 +59,10 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 def test_tiny_recipe_learns_shakespeare_and_logs_to_mlflow(tmp_path):
     run_dir = tmp_path / "tiny"
-    finish(pope_lm("recipes/tiny.yaml", *MICRO, "data.seq_len=64", "trainer.max_steps=40",
-                   "trainer.val_every_n_steps=40", "optim.warmup_steps=10", "checkpoint.every_n_steps=20",
-                   run_dir=run_dir))
+    out = finish(pope_lm("recipes/tiny.yaml", *MICRO, "data.seq_len=64", "trainer.max_steps=40",
+                         "trainer.val_every_n_steps=40", "optim.warmup_steps=10", "checkpoint.every_n_steps=20",
+                         run_dir=run_dir))
+    assert out.count("GPU available:") == 1, "Lightning's messages are printed once"
 
     client, runs = mlflow_run(run_dir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
