@@ -15,10 +15,10 @@ other than the forward are timed forward and backward together.
 from __future__ import annotations
 
 import argparse
-import gc
 
 import torch
 import triton
+from local_memory import loaded_triton_kernels
 
 from pope_lm.kernels import flash, pope_attention
 
@@ -26,12 +26,6 @@ PASSES = {"fwd": "_fwd_tuned", "dq": "_dq_tuned", "dkdv": "_dkdv_tuned"}
 # Tiles to survey (BLOCK_M, BLOCK_N, num_warps, num_stages): the bf16 candidates at D = 64 and smaller ones.
 DEFAULT_TILES = [(16, 32, 4, 1), (32, 32, 4, 1), (32, 64, 4, 1), (64, 32, 4, 1), (32, 32, 4, 2), (64, 64, 4, 1),
                  (64, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 3)]
-
-
-def _kernels() -> dict[int, tuple[str, int, int]]:
-    """{id: (name, local bytes per thread, registers)} of the compiled Triton kernels alive in the process."""
-    return {id(obj): (obj.name, 4 * int(obj.n_spills), int(obj.n_regs)) for obj in gc.get_objects()
-            if type(obj).__name__ == "CompiledKernel" and getattr(obj, "module", None) is not None}
 
 
 def _pin(name: str, head_dim: int, tile: tuple[int, int, int, int]) -> None:
@@ -83,14 +77,14 @@ def main() -> None:
         backward = name != "fwd"
         for tile in tiles:
             _pin(name, head_dim, tile)
-            before = set(_kernels())
+            before = set(loaded_triton_kernels())
             try:
                 step(backward)
                 ms = triton.testing.do_bench(lambda b=backward: step(b), warmup=5, rep=50)
             except Exception as exc:  # a tile that does not compile or launch (shared memory): report, go on
                 print(f"  {tile}: failed: {str(exc).splitlines()[0][:100]}", flush=True)
                 continue
-            new = [info for key, info in _kernels().items()
+            new = [info for key, info in loaded_triton_kernels().items()
                    if key not in before and info[0] == f"_{name}_kernel"]
             local, regs = (max(i[1] for i in new), max(i[2] for i in new)) if new else (0, 0)
             print(f"  {tile}: {ms * 1e3:9.1f} us  {regs:3d} registers  {local:7,d} B local "

@@ -25,15 +25,11 @@ from pope_lm.config import load_config
 from pope_lm.train import train
 
 
-def loaded_triton_kernels() -> list[tuple[str, int, int]]:
-    """(name, local bytes per thread, registers per thread) of every compiled Triton kernel alive in the process, the
-    most local memory first. Triton reads CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES as it loads a kernel and keeps it,
-    divided by 4, as n_spills."""
-    kernels = []
-    for obj in gc.get_objects():
-        if type(obj).__name__ == "CompiledKernel" and getattr(obj, "module", None) is not None:
-            kernels.append((obj.name, 4 * int(obj.n_spills), int(obj.n_regs)))
-    return sorted(kernels, key=lambda k: -k[1])
+def loaded_triton_kernels() -> dict[int, tuple[str, int, int]]:
+    """{id: (name, local bytes per thread, registers per thread)} of every compiled Triton kernel loaded in the process.
+    Triton reads CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES as it loads a kernel and keeps it, divided by 4, as n_spills."""
+    return {id(obj): (obj.name, 4 * int(obj.n_spills), int(obj.n_regs)) for obj in gc.get_objects()
+            if type(obj).__name__ == "CompiledKernel" and getattr(obj, "module", None) is not None}
 
 
 class MemoryProbe(L.Callback):
@@ -52,7 +48,8 @@ class MemoryProbe(L.Callback):
         print(f"{stage}: outside the allocator {outside_allocator_gib(device):.2f} GiB (local memory "
               f"{local_memory_gib(device):.2f}), reserved {torch.cuda.memory_reserved(device) / 2**30:.2f} GiB",
               flush=True)
-        for name, local, regs in loaded_triton_kernels()[: self.top]:
+        by_local_memory = sorted(loaded_triton_kernels().values(), key=lambda kernel: -kernel[1])
+        for name, local, regs in by_local_memory[: self.top]:
             print(f"  {local:8,d} B local ({local * threads / 2**30:5.2f} GiB for {threads:,} threads), "
                   f"{regs:3d} registers  {name}", flush=True)
 
