@@ -19,6 +19,7 @@ import argparse
 import torch
 import triton
 from local_memory import loaded_triton_kernels
+from train_throughput import resident_threads
 
 from pope_lm.kernels import flash, pope_attention
 
@@ -55,15 +56,14 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else DEFAULT_TILES
     hold = tuple(int(v) for v in args.hold.split(","))
-    props = torch.cuda.get_device_properties(0)
-    threads = props.multi_processor_count * props.max_threads_per_multi_processor
+    threads = resident_threads(torch.device("cuda"))
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, generator=g, requires_grad=True)
                for _ in range(3))
     delta = torch.zeros(heads, head_dim, device="cuda", requires_grad=True)
     dout = torch.randn_like(q)
-    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype} {args.shape} causal; "
-          f"local memory across the card = bytes per thread x {threads:,} threads")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype} "
+          f"{args.shape} causal; local memory across the card = bytes per thread x {threads:,} threads")
 
     def step(backward: bool) -> None:
         out = pope_attention(q, k, v, delta, causal=True)

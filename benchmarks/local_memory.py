@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from train_throughput import local_memory_gib, outside_allocator_gib
+from train_throughput import local_memory_gib, outside_allocator_gib, resident_threads
 
 from pope_lm.config import load_config
 from pope_lm.train import train
@@ -43,8 +43,7 @@ class MemoryProbe(L.Callback):
     def report(self, stage: str, device: torch.device) -> None:
         if device.type != "cuda":
             return
-        props = torch.cuda.get_device_properties(device)
-        threads = props.multi_processor_count * props.max_threads_per_multi_processor
+        threads = resident_threads(device)
         print(f"{stage}: outside the allocator {outside_allocator_gib(device):.2f} GiB (local memory "
               f"{local_memory_gib(device):.2f}), reserved {torch.cuda.memory_reserved(device) / 2**30:.2f} GiB",
               flush=True)

@@ -297,6 +297,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def resident_threads(device: torch.device) -> int:
+    """The threads the card can hold at once (SMs x threads per SM): CUDA reserves local memory for each of them."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count * props.max_threads_per_multi_processor
+
+
 def local_memory_gib(device: torch.device) -> float:
     """The local memory CUDA holds for the current context: its per-thread stack size (cuCtxGetLimit, which the driver
     raises to what each launched kernel needs) times the threads the card can hold at once."""
@@ -305,8 +311,7 @@ def local_memory_gib(device: torch.device) -> float:
     stack_bytes = ctypes.c_size_t()
     if ctypes.CDLL("libcuda.so.1").cuCtxGetLimit(ctypes.byref(stack_bytes), 0):  # 0: CU_LIMIT_STACK_SIZE
         return math.nan
-    props = torch.cuda.get_device_properties(device)
-    return stack_bytes.value * props.multi_processor_count * props.max_threads_per_multi_processor / 2**30
+    return stack_bytes.value * resident_threads(device) / 2**30
 
 
 def outside_allocator_gib(device: torch.device) -> float:
