@@ -33,8 +33,9 @@ log = logging.getLogger("pope_lm")
 # Share of the card's memory the probed peak may use. What the probe does not see comes out of the rest: the CUDA
 # context and cuBLAS/NCCL workspaces (outside PyTorch's allocator), the allocator's fragmentation over thousands
 # of steps (reserved memory exceeds allocated), DDP's gradient buckets (a second copy of the gradients) or
-# DeepSpeed's communication buckets, what torch.compile allocates while it compiles and the memory pool of CUDA
-# graphs (trainer.compile_mode=reduce-overhead).
+# DeepSpeed's communication buckets, what torch.compile allocates while it compiles, and the memory pool of CUDA
+# graphs (trainer.compile_mode=reduce-overhead), with which accumulating runs also keep their fp32 gradients
+# through the forward pass (LitGPT._keeps_gradients).
 HEADROOM = 0.9
 # On the CPU nothing is probed: host memory rarely binds for the small models a CPU trains, and tokens/s barely
 # grows with the micro-batch there. 8 keeps a smoke run of a GPU recipe (124m: 64 x 1024 per step) at a few GB of
