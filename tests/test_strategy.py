@@ -248,9 +248,8 @@ def test_a_directory_that_is_no_checkpoint_is_a_one_line_error(tmp_path: Path) -
 
 
 def _torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    # PYTHONFAULTHANDLER: a rank that aborts in native code (rank 1 of deepspeed_worker.py with "terminate called
-    # without an active exception" at exit, in sessions 16 and 23, before the worker destroyed its process group)
-    # prints where each thread was
+    # PYTHONFAULTHANDLER: a rank that aborts in native code (as rank 1 of deepspeed_worker.py did at interpreter
+    # teardown, before it ended with os._exit) prints where each thread was
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                              str(REPO / "tests" / script), *args], env=launcher_env(PYTHONFAULTHANDLER="1"), cwd=cwd,
                             capture_output=True, text=True, timeout=400)
