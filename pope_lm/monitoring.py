@@ -92,7 +92,7 @@ class StepProgressBar(TQDMProgressBar):
         step = trainer.global_step
         if bar.n != step and (step % self.refresh_rate == 0 or step == trainer.max_steps):
             bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)  # one redraw, the next line's
             bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

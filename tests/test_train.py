@@ -63,6 +63,11 @@ def test_tiny_recipe_learns_shakespeare_and_logs_to_mlflow(tmp_path):
                          "trainer.val_every_n_steps=40", "optim.warmup_steps=10", "checkpoint.every_n_steps=20",
                          run_dir=run_dir))
     assert out.count("GPU available:") == 1, "Lightning's messages are printed once"
+    # Piped to a file (as under Slurm) every tqdm redraw is a line: the bar redraws once at each refresh point
+    # (the last step's is redrawn again by Lightning's validation and end of training).
+    redraws = [line.split("|")[2].split("[")[0].strip() for line in out.splitlines()
+               if line.startswith("step:") and "train/loss=" in line]
+    assert [steps for steps in redraws if steps != "40/40"] == ["10/40", "20/40", "30/40"]
 
     client, runs = mlflow_run(run_dir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
