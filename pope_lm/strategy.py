@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import threading
+import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import Strategy
 from torch import nn
@@ -192,6 +194,13 @@ class LossScaledOnceDeepSpeedPrecision(DeepSpeedPrecision):
         super().backward(tensor, model, optimizer, *args, scale_wrt_gas=False, **kwargs)
 
 
+def _under_srun() -> bool:
+    """`SLURMEnvironment.detect()` without its hint to prepend srun: the Trainer's own detection gives that once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PossibleUserWarning)
+        return SLURMEnvironment.detect()
+
+
 def cluster_plugins() -> list[ClusterEnvironment]:
     """Under srun: Lightning's SLURMEnvironment with its auto-requeue off.
 
@@ -199,7 +208,7 @@ def cluster_plugins() -> list[ClusterEnvironment]:
     and loads such a file before any `ckpt_path`, which would compete with `resume=auto`; `StopOnSignal` and
     launch/slurm.sh do the requeue instead. torchrun wins when both are present, as in Lightning's own detection.
     """
-    if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():
+    if _under_srun() and not TorchElasticEnvironment.detect():
         return [SLURMEnvironment(auto_requeue=False)]
     return []
 
@@ -208,7 +217,7 @@ def check_launcher_geometry(cfg: RunConfig) -> None:
     """Fail with one line when the recipe's devices x num_nodes is not what srun or torchrun started."""
     if TorchElasticEnvironment.detect():
         launcher, world, per_node = "torchrun", int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    elif SLURMEnvironment.detect():
+    elif _under_srun():
         launcher, world = "srun", int(os.environ["SLURM_NTASKS"])
         per_node = world // int(os.environ.get("SLURM_NNODES", "1"))
     else:

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -189,6 +190,21 @@ def test_under_srun_lightnings_own_requeue_is_off_and_torchrun_wins(monkeypatch:
     for key, value in _TORCHRUN.items():
         monkeypatch.setenv(key, value)
     assert cluster_plugins() == []  # torchrun inside a Slurm allocation: Lightning's TorchElastic detection
+
+
+def test_outside_slurm_the_srun_hint_is_left_to_the_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a Slurm login node Lightning hints to prepend srun; pope-lm's own checks must not print it twice more."""
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", *_TORCHRUN):
+        monkeypatch.delenv(key, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cluster_plugins() == []
+        check_launcher_geometry(_cfg("trainer.devices=4"))
+        SLURMEnvironment.detect()  # what the Trainer runs: the hint itself still comes, once
+    assert ["srun" in str(w.message) for w in caught] == [True]
 
 
 def test_sigusr1_stops_training_after_the_next_logged_optimizer_step() -> None:
