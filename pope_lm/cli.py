@@ -17,6 +17,7 @@ from pope_lm.data import DataError
 EXIT_USAGE = 2
 # sysexits' EX_TEMPFAIL: training stopped on SIGUSR1 after saving a checkpoint; launch/slurm.sh requeues the job.
 EXIT_REQUEUE = 75
+PRECISION_HELP = "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -73,7 +74,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k or None, greedy=args.greedy, seed=args.seed)
-    print(args.prompt + sample(args.checkpoint, args.prompt, settings, args.device, args.tokenizer))
+    print(args.prompt + sample(args.checkpoint, args.prompt, settings, args.device, args.tokenizer, args.precision))
     return 0
 
 
@@ -112,7 +113,7 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     evl.add_argument("--bucket-size", type=int, default=None,
                      help="positions per loss bucket (default: longest length / 32)")
     evl.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    evl.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
+    evl.add_argument("--precision", default="auto", help=PRECISION_HELP)
     evl.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (gpt2, nt-6mer, ...)")
     evl.add_argument("--tracking-uri", default=None,
                      help="MLflow store (default: the first checkpoint's training-run store, when found)")
@@ -140,6 +141,7 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature and top-k)")
     smp.add_argument("--seed", type=int, default=1337)
     smp.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    smp.add_argument("--precision", default="auto", help=PRECISION_HELP)
     smp.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
     smp.set_defaults(func=_sample)
 

@@ -20,7 +20,6 @@ import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +34,7 @@ from pope_lm.data.shards import MANIFEST, member_url, read_blocks, read_manifest
 from pope_lm.data.tokenizers import Tokenizer
 from pope_lm.model import GPT
 from pope_lm.rope_scaling import SCALING_TYPES
-from pope_lm.sampling import load_checkpoint, resolve_device, resolve_tokenizer
+from pope_lm.sampling import autocast_to, load_checkpoint, resolve_device, resolve_precision, resolve_tokenizer
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -216,7 +215,7 @@ def score_length(model: GPT, documents: Sequence[np.ndarray], length: int, label
     position_sum = torch.zeros(length, dtype=torch.float64, device=device)
     count = 0
     batch: list[np.ndarray] = []
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = autocast_to(dtype, device)
 
     def run(batch: list[np.ndarray]) -> None:
         block = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)
@@ -266,7 +265,7 @@ def evaluate_lengths(specs: Sequence[ModelSpec], settings: EvalSettings) -> list
         if not spec.checkpoint.exists():
             raise ConfigError(f"checkpoint not found: {spec.checkpoint}")
     device = resolve_device(settings.device)
-    dtype = _compute_dtype(settings.precision, device)
+    dtype = resolve_precision(settings.precision, device)
     broadcast = len({spec.rope_scaling for spec in specs}) == 1
     documents: dict[str, list[np.ndarray]] = {}  # per tokenizer name
     results: list[ModelResults] = []
@@ -300,15 +299,6 @@ def evaluate_lengths(specs: Sequence[ModelSpec], settings: EvalSettings) -> list
     write_position_csv(results, settings.out / POSITION_CSV, bucket)
     plot_results(results, settings.out / PLOT, bucket)
     return results
-
-
-def _compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    choices = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if precision not in choices:
-        raise ConfigError(f"--precision must be auto, fp32 or bf16; got '{precision}'")
-    return choices[precision]
 
 
 def _default_label(cfg: RunConfig, spec: ModelSpec, taken: list[str]) -> str:

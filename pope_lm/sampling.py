@@ -1,12 +1,13 @@
 """`pope-lm sample`: quick generations from a native checkpoint, decoding with the model's KV cache.
 
-Also home of the two helpers every inference tool shares (sample, eval-length, export-hf): which tokenizer a
-checkpoint was trained with, and which device to run on.
+Also home of the helpers every inference tool shares (sample, eval-length, export-hf): which tokenizer a
+checkpoint was trained with, which device to run on, and in which precision.
 """
 
 from __future__ import annotations
 
 import pickle
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on CUDA, where fp32 would send attention to the slower fp32 kernel tiles, and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in PRECISIONS:
+        raise ConfigError(f"--precision must be auto, fp32 or bf16; got '{name}'")
+    return PRECISIONS[name]
+
+
+def autocast_to(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
+    """The forward's precision context: bf16 autocast keeps the fp32 weights and norms, as training does."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
 @dataclass
 class SamplingSettings:
     max_new_tokens: int = 100
@@ -127,16 +145,18 @@ def _pick(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Gen
 
 
 def sample(checkpoint: str, prompt: str, settings: SamplingSettings, device: str = "auto",
-           tokenizer_name: str | None = None) -> str:
+           tokenizer_name: str | None = None, precision: str = "auto") -> str:
     """Load a native checkpoint and return the prompt's continuation as text (the prompt itself excluded)."""
     settings.check()
     target = resolve_device(device)
+    dtype = resolve_precision(precision, target)
     model, cfg = load_checkpoint(checkpoint)
     model.to(target)
     tokenizer = resolve_tokenizer(cfg, tokenizer_name)
     ids = tokenizer.encode(prompt).tolist() if prompt else [tokenizer.eos_id]  # no prompt: start a new document
     idx = torch.tensor([ids], dtype=torch.long, device=target)
-    new = generate(model.eval(), idx, settings, eos_id=tokenizer.eos_id)[0].tolist()
+    with autocast_to(dtype, target):
+        new = generate(model.eval(), idx, settings, eos_id=tokenizer.eos_id)[0].tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
     return continuation_text(tokenizer, ids if prompt else [], new)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pope_lm import sampling
 from pope_lm.checkpointing import load_model
 from pope_lm.cli import main
 from pope_lm.config import RunConfig
@@ -51,11 +52,27 @@ def test_sample_command_prints_prompt_and_continuation(tiny_checkpoint, capsys):
     assert first == "Once upon a time" + tokenizer.decode(new) + "\n"
 
 
+@pytest.mark.parametrize(("precision", "autocast_dtype"), [("bf16", torch.bfloat16), ("fp32", None),
+                                                           ("auto", None)])  # auto: fp32 on the CPU
+def test_sample_decodes_in_the_chosen_precision(precision, autocast_dtype, tiny_checkpoint, monkeypatch):
+    seen = []
+
+    def recording_generate(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", recording_generate)
+    text = sampling.sample(str(tiny_checkpoint), "Once upon a time", SamplingSettings(max_new_tokens=4, greedy=True),
+                           "cpu", precision=precision)
+    assert seen == [autocast_dtype] and isinstance(text, str)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--temperature", "0"], "error: --temperature must be > 0 (use --greedy for argmax); got 0.0"),
     (["--max-new-tokens", "-1"], "error: --max-new-tokens must be >= 0; got -1"),
     (["--tokenizer", "bpe"],
      "error: unknown tokenizer 'bpe' (valid: gpt2, nt-6mer, dna-char, indirect-char, jsb-16th)"),
+    (["--precision", "fp16"], "error: --precision must be auto, fp32 or bf16; got 'fp16'"),
 ])
 def test_bad_sampling_options_give_one_line(args, message, tiny_checkpoint, capsys):
     assert main(["sample", str(tiny_checkpoint), "--prompt", "Hi", *args]) == 2
