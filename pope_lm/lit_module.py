@@ -90,7 +90,7 @@ class LitGPT(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, accuracy = self.score(batch)
         # Not prog_bar: Lightning reads progress-bar values to the host after every step, which would wait for the
-        # GPU each time; StepProgressBar shows the loss at its refresh points instead.
+        # GPU each time; the progress display shows the loss at its refresh points instead.
         # A copy: under trainer.compile_mode=reduce-overhead the loss lives in the CUDA graph's output memory,
         # which the next step's replay overwrites before a lazy reader (the progress bar) gets to it.
         self.log("train/loss", loss.detach().clone())

@@ -1,13 +1,15 @@
-"""Training speed metrics (tokens/s, MFU) and a progress bar that counts optimizer steps."""
+"""Training speed metrics (tokens/s, MFU) and the progress display, which counts optimizer steps."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from tqdm import tqdm
 
 from pope_lm.lit_module import log_host_value
 
@@ -66,6 +68,25 @@ class SpeedMonitor(L.Callback):
         self._window_start, self._window_step = now, step
 
 
+def progress_display(refresh_rate: int) -> ProgressBar:
+    """A tqdm bar on a terminal; in a file or a pipe (a Slurm log), a line per refresh point."""
+    return StepProgressBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else StepProgressLines(refresh_rate)
+
+
+def shown_metrics(metrics: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
+    """The metrics both displays show, formatted: the loss first, the logger's version number left out."""
+    metrics = {k: v for k, v in metrics.items() if k != "v_num"}
+    loss = trainer.callback_metrics.get("train/loss")  # logged without prog_bar, see LitGPT.training_step
+    if loss is not None:
+        metrics = {"train/loss": f"{loss.item():.3f}", **metrics}
+    shown = {"tokens_per_s": "{:,.0f}", "mfu": "{:.1%}"}
+    return {k: (shown[k].format(v) if k in shown else v) for k, v in metrics.items()}
+
+
+def _is_refresh_point(step: int, refresh_rate: int, max_steps: int) -> bool:
+    return step % refresh_rate == 0 or step == max_steps
+
+
 class StepProgressBar(TQDMProgressBar):
     """The bar counts optimizer steps towards max_steps (the data stream has no length).
 
@@ -90,16 +111,59 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         bar = self.train_progress_bar
         step = trainer.global_step
-        if bar.n != step and (step % self.refresh_rate == 0 or step == trainer.max_steps):
+        if bar.n != step and _is_refresh_point(step, self.refresh_rate, trainer.max_steps):
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)  # one redraw, the next line's
             bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        loss = trainer.callback_metrics.get("train/loss")  # logged without prog_bar, see LitGPT.training_step
-        if loss is not None:
-            metrics = {"train/loss": f"{loss.item():.3f}", **metrics}
-        shown = {"tokens_per_s": "{:,.0f}", "mfu": "{:.1%}"}
-        return {k: (shown[k].format(v) if k in shown else v) for k, v in metrics.items()}
+        return shown_metrics(super().get_metrics(trainer, pl_module), trainer)
+
+
+class StepProgressLines(ProgressBar):
+    """The progress as lines, for output that is not a terminal: a line per refresh point, one per validation.
+
+    tqdm redraws its bar with carriage returns, so in a file a whole run is one line. srun forwards such a line in
+    pieces, and the job's other output lands between them, even inside a bar character's bytes (invalid UTF-8).
+    """
+
+    def __init__(self, refresh_rate: int) -> None:
+        super().__init__()
+        self.refresh_rate = refresh_rate
+        self._enabled = True
+        self._start = (0.0, 0)  # time and step at which this process started training
+        self._printed_step = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._start = (time.perf_counter(), trainer.global_step)  # a resumed run starts mid-way
+        self._printed_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        if not self._enabled or step == self._printed_step or not _is_refresh_point(step, self.refresh_rate, total):
+            return
+        self._printed_step = step
+        elapsed = time.perf_counter() - self._start[0]
+        rate = (step - self._start[1]) / elapsed
+        left = tqdm.format_interval((total - step) / rate)
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if not k.startswith("val/")}
+        self._print(f"step {step}/{total} [{tqdm.format_interval(elapsed)}<{left}, {rate:.2f} steps/s]", metrics)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._enabled and not trainer.sanity_checking:
+            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k.startswith("val/")}
+            self._print(f"validation at step {trainer.global_step}:", metrics)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return shown_metrics(super().get_metrics(trainer, pl_module), trainer)
+
+    @staticmethod
+    def _print(head: str, metrics: dict[str, Any]) -> None:
+        shown = ", ".join(f"{k}={tqdm.format_num(v) if isinstance(v, float) else v}" for k, v in metrics.items())
+        print(f"{head} {shown}", flush=True)

@@ -24,7 +24,7 @@ from pope_lm.checkpointing import (
 from pope_lm.config import ConfigError, RunConfig
 from pope_lm.data import TokenDataModule
 from pope_lm.lit_module import CONFIG_KEY
-from pope_lm.monitoring import SpeedMonitor, StepProgressBar, peak_flops
+from pope_lm.monitoring import SpeedMonitor, peak_flops, progress_display
 from pope_lm.strategy import (
     Preempted,
     StopOnSignal,
@@ -113,7 +113,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
         AlignStepsOnResume(),
         SpeedMonitor(tokens_per_step, module.model.flops_per_token(cfg.data.seq_len),
                      peak_flops(cfg.trainer.peak_tflops), cfg.trainer.log_every_n_steps),
-        StepProgressBar(refresh_rate=cfg.trainer.log_every_n_steps),
+        progress_display(cfg.trainer.log_every_n_steps),
         stopper,
         *extra_callbacks,
     ]

@@ -63,11 +63,11 @@ def test_tiny_recipe_learns_shakespeare_and_logs_to_mlflow(tmp_path):
                          "trainer.val_every_n_steps=40", "optim.warmup_steps=10", "checkpoint.every_n_steps=20",
                          run_dir=run_dir))
     assert out.count("GPU available:") == 1, "Lightning's messages are printed once"
-    # Piped to a file (as under Slurm) every tqdm redraw is a line: the bar redraws once at each refresh point
-    # (the last step's is redrawn again by Lightning's validation and end of training).
-    redraws = [line.split("|")[2].split("[")[0].strip() for line in out.splitlines()
-               if line.startswith("step:") and "train/loss=" in line]
-    assert [steps for steps in redraws if steps != "40/40"] == ["10/40", "20/40", "30/40"]
+    # Piped (as into a Slurm log): a line per refresh point and per validation, no tqdm bar redrawn in place.
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["10/40", "20/40", "30/40",
+                                                                                        "40/40"]
+    assert any(line.startswith("validation at step 40: val/loss=") for line in out.splitlines())
+    assert "it/s" not in out
 
     client, runs = mlflow_run(run_dir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -124,6 +124,8 @@ def test_killed_run_resumes_from_its_last_checkpoint_with_identical_losses(tmp_p
 
     out = finish(pope_lm("recipes/tiny.yaml", *common, "resume=auto", run_dir=killed_dir))
     assert "resuming from" in out
+    progress = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
+    assert progress == [f"{step}/40" for step in range(saved_step + 1, 41)]  # counted on from the checkpoint
 
     client, runs = mlflow_run(killed_dir)
     assert len(runs) == 1, "the resumed run must continue the same MLflow run"
