@@ -93,12 +93,12 @@ if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")
     for zero_stage in (2, 3):
         run_stage(zero_stage, Path(sys.argv[1]) / f"zero{zero_stage}")
-    # End the rank without interpreter teardown. The four engines outlive run_stage even after gc.collect() (their
-    # hooks close cycles through references the collector cannot see; DeepSpeedEngine.destroy() frees only two), so
-    # their gloo process groups and worker threads are still alive after destroy_process_group. Tearing those down
-    # while the interpreter finalized aborted rank 1 about once in 30 runs ("terminate called without an active
-    # exception", no Python frame: sessions 16, 23 and 24's CI). Everything this rank writes is written by now, and
-    # the barrier holds both ranks until then.
+    # End the rank without interpreter teardown. Something outside Python's view keeps the four engines alive after
+    # run_stage, even through gc.collect() (DeepSpeedEngine.destroy() frees only two), so their gloo process groups
+    # and worker threads are still alive after destroy_process_group. Tearing those down while the interpreter
+    # finalized aborted rank 1 about once in 30 runs ("terminate called without an active exception", no Python
+    # frame: sessions 16, 23 and 24's CI). Everything this rank writes is written by now, and the barrier holds both
+    # ranks until then.
     torch.distributed.barrier()
     deepspeed.comm.destroy_process_group()
     sys.stdout.flush()
