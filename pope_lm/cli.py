@@ -6,6 +6,7 @@ Every user mistake ends with one line `error: ...` on stderr and exit code 2, ne
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
@@ -163,8 +164,28 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     zs.set_defaults(func=_eval_zeroshot)
 
 
+class _PrintVersions(argparse.Action):
+    """`--version`: pope-lm's version and those of the libraries that decide its numbers and speed (bug reports)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        def version(name: str) -> str:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return "not installed"
+
+        libraries = ", ".join(f"{name} {version(name)}" for name in ("torch", "triton", "lightning", "deepspeed"))
+        print(f"pope-lm {version('pope-lm')} ({libraries})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pope-lm", description="Pretrain decoder LMs with PoPE attention.")
+    parser.add_argument("--version", action=_PrintVersions, help="print the versions of pope-lm and its core "
+                        "libraries, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train or resume a run described by a recipe",

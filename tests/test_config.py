@@ -1,8 +1,10 @@
 """Recipes load into typed configs; every user mistake becomes one line that names the key or file."""
 
+import importlib.metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 from pope_lm.cli import main
 from pope_lm.config import ConfigError, RunConfig, flatten, load_config
@@ -84,3 +86,12 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(argv, fragment, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(fragment) and "\n" not in err and "Traceback" not in err
+
+
+def test_version_names_pope_lm_and_the_libraries_on_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"pope-lm {importlib.metadata.version('pope-lm')} (torch {torch.__version__}, triton ")
+    assert out.count("\n") == 1 and "lightning" in out and "deepspeed" in out
