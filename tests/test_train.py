@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -176,6 +177,23 @@ def test_step_zero_validation_runs_in_the_runs_precision(tmp_path, word_corpus):
                                             "trainer.precision=bf16-mixed", "tracking.enabled=false",
                                             "data.num_workers=0", f"run_dir={tmp_path / 'run'}"]), [probe])
     assert probe.dtypes == {torch.bfloat16}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_bar_redraws_once_per_refresh_point(tmp_path, word_corpus, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    train(load_config("recipes/tiny.yaml", [*MICRO, f"data.dataset={word_corpus}", "trainer.max_steps=6",
+                                            "trainer.log_every_n_steps=2", "tracking.enabled=false",
+                                            "data.num_workers=0", f"run_dir={tmp_path / 'run'}"]))
+    redraws = [part.split("|")[2].split("[")[0].strip() for part in terminal.getvalue().split("\r")
+               if part.startswith("step:") and "train/loss=" in part]
+    # the last step's bar is drawn again by Lightning's validation and end of training
+    assert [steps for steps in redraws if steps != "6/6"] == ["2/6", "4/6"]
 
 
 def test_missing_dataset_fails_with_one_line(tmp_path):
