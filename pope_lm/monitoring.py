@@ -113,7 +113,7 @@ class StepProgressBar(TQDMProgressBar):
         step = trainer.global_step
         if bar.n != step and _is_refresh_point(step, self.refresh_rate, trainer.max_steps):
             bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)  # one redraw, the next line's
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)  # drawn once, by the refresh below
             bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
