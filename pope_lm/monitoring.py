@@ -165,5 +165,5 @@ class StepProgressLines(ProgressBar):
 
     @staticmethod
     def _print(head: str, metrics: dict[str, Any]) -> None:
-        shown = ", ".join(f"{k}={tqdm.format_num(v) if isinstance(v, float) else v}" for k, v in metrics.items())
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         print(f"{head} {shown}", flush=True)
