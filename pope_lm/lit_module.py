@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -238,10 +239,18 @@ class LitGPT(L.LightningModule):
             "python": _python_state_to_plain(random.getstate()),
         }
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load weights named with or without torch.compile's `_orig_mod.`, whichever this module uses.
+
+        Lightning loads a native checkpoint through here (saved without it: on_save_checkpoint), and DeepSpeed's
+        engine a ZeRO checkpoint's module weights (saved as the engine's module names them). So compiled and
+        uncompiled runs resume each other's checkpoints: trainer.compile defaults to on for GPUs, off for CPUs and
+        under ZeRO-3, and a run may change it."""
+        own = {uncompiled_name(k): k for k in self.state_dict()}
+        renamed = {own.get(uncompiled_name(k), k): v for k, v in state_dict.items()}
+        return super().load_state_dict(renamed, strict=strict, assign=assign)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "state_dict" in checkpoint:  # Lightning loads it after this hook: name it as this module does
-            own = {uncompiled_name(k): k for k in self.state_dict()}
-            checkpoint["state_dict"] = {own.get(uncompiled_name(k), k): v for k, v in checkpoint["state_dict"].items()}
         rng = checkpoint.get("rng")
         if rng is None:
             return

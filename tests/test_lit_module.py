@@ -134,16 +134,31 @@ def test_clipping_disabled_leaves_the_gradients_unscaled() -> None:
     assert last_grad_unclipped.norm() > 10 * last_grad_clipped.norm()
 
 
-def test_checkpoints_resume_across_compiled_and_uncompiled_models() -> None:
-    # trainer.compile is on by default on GPUs and off on CPUs: a run may resume the other kind's checkpoint.
+def _compiled_and_uncompiled_pairs():
+    """(source, target) LitGPTs with unlike weights, one of them compiled, both ways round."""
     for compile_source in (True, False):
-        source, target = LitGPT(load_config(TINY, SMALL)), LitGPT(load_config(TINY, SMALL))  # unlike weights
+        source, target = LitGPT(load_config(TINY, SMALL)), LitGPT(load_config(TINY, SMALL))
         compiled = source if compile_source else target
         compiled.model = torch.compile(compiled.model)  # wraps only: nothing compiles until it is called
+        yield source, target
+
+
+def test_checkpoints_resume_across_compiled_and_uncompiled_models() -> None:
+    # trainer.compile is on by default on GPUs and off on CPUs: a run may resume the other kind's checkpoint.
+    for source, target in _compiled_and_uncompiled_pairs():
         checkpoint = {"state_dict": source.state_dict()}
         source.on_save_checkpoint(checkpoint)
         assert not any("_orig_mod" in key for key in checkpoint["state_dict"])
         target.on_load_checkpoint(checkpoint)
         target.load_state_dict(checkpoint["state_dict"])  # strict: every name matched
+        for a, b in zip(source.parameters(), target.parameters(), strict=True):
+            assert a.equal(b)
+
+
+def test_module_weights_load_under_the_other_compile_setting_as_deepspeed_loads_them() -> None:
+    # DeepSpeed's engine saves the module's own names (with `_orig_mod.` when compiled, no on_save_checkpoint) and
+    # loads them through load_state_dict: ZeRO-1/2 runs compile by default, and older ones resume.
+    for source, target in _compiled_and_uncompiled_pairs():
+        target.load_state_dict(source.state_dict())  # strict: every name matched
         for a, b in zip(source.parameters(), target.parameters(), strict=True):
             assert a.equal(b)
