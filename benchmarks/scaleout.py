@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: run spec '{spec}' is not STRATEGY:GPUS[:resume] with STRATEGY one of "
                              f"{', '.join(STRATEGIES)}")
         label = f"{recipe}-{spec.replace(':', '-')}"
-        # Uncompiled under every strategy (pope-lm compiles DDP runs on GPU by default, DeepSpeed runs not), so that
+        # Uncompiled under every strategy (pope-lm compiles on GPU by default, except ZeRO-3 runs), so that
         # strategies compare like for like, and with the committed results.
         overrides = [*STRATEGIES[strategy], f"trainer.devices={gpus}", f"trainer.max_steps={args.steps}",
                      f"run_dir={runs_dir / label}", "tracking.enabled=false", "trainer.compile=false", *args.overrides]

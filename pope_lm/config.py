@@ -77,8 +77,8 @@ class TrainerConfig:
     test_on: str = "last"  # the weights the test split scores: last | best (needs checkpoint.keep_best)
     max_time: str = ""  # "DD:HH:MM:SS": end training (checkpoint, test) after this wall time; "" = no limit
     log_every_n_steps: int = 10
-    # torch.compile the model; null (the default): on GPU, except under DeepSpeed (its engine wraps the module;
-    # pope-lm has not measured compile there, set true to try)
+    # torch.compile the model; null (the default): on GPU, except under DeepSpeed ZeRO-3 (which gathers parameters
+    # in hooks around each module's forward; compiling it is untried, set true to try)
     compile: bool | None = None
     # torch.compile's mode: reduce-overhead replays each step's kernels as CUDA graphs, which pays off where
     # kernel launches, not arithmetic, bound the step (small models, short sequences: recipes/indirect.yaml)

@@ -13,10 +13,12 @@ to DeepSpeed and keeps PoPE's phase bias inside [-2 pi, 0] in the master copy (`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -32,6 +34,8 @@ from torch import nn
 from pope_lm.config import ConfigError, RunConfig
 from pope_lm.lit_module import LitGPT
 from pope_lm.position import PoPE
+
+log = logging.getLogger("pope_lm")
 
 # Precisions DeepSpeed can run, and the section of its config each one enables.
 _DEEPSPEED_PRECISION = {
@@ -72,6 +76,22 @@ def accumulation_steps(cfg: RunConfig) -> int:
             f"({t.micro_batch_size} x {world} = {per_step})"
         )
     return t.global_batch_size // per_step
+
+
+def resolve_strategy(cfg: RunConfig, resume_path: Path | None) -> RunConfig:
+    """`cfg` with trainer.strategy=deepspeed replaced by auto (Lightning's single-device strategy) where DeepSpeed has
+    nothing to do: on one process, ZeRO-1/2 shard over one rank. Its engine still copies every micro-batch's
+    gradients into its buckets and steps flat fp32 copies of the weights: on one H100 the 774m recipe trained at
+    62K tokens/s under ZeRO-2 against 80K single-device, both compiled (benchmarks/train_throughput_results.md,
+    session 26). DeepSpeed stays for what it does on one process too (ZeRO-3, CPU offload, a DeepSpeed JSON's
+    settings) and to resume one of its checkpoint directories, which only its engine reads."""
+    t = cfg.trainer
+    if (t.strategy != "deepspeed" or world_size(cfg) > 1 or t.zero_stage == 3 or t.offload_optimizer
+            or t.deepspeed_config or (resume_path is not None and resume_path.is_dir())):
+        return cfg
+    log.info("trainer.strategy=deepspeed -> auto: ZeRO-%d on one process shards nothing, so this run trains with "
+             "the single-device strategy (checkpoints are files)", t.zero_stage)
+    return replace(cfg, trainer=replace(t, strategy="auto"))
 
 
 def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ resume=auto).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -37,6 +38,7 @@ from pope_lm.strategy import (
     check_launcher_geometry,
     cluster_plugins,
     deepspeed_config,
+    resolve_strategy,
 )
 from pope_lm.tracking import RUN_ID_KEY
 
@@ -153,6 +155,30 @@ def test_ddp_on_one_process_trains_with_the_single_device_strategy() -> None:
     # DDP with nothing to all-reduce would still split the compiled graph at its buckets (dynamo's DDPOptimizer)
     assert build_strategy(_cfg("trainer.strategy=ddp", "trainer.devices=1"), "gpu", "bf16-mixed") == "auto"
     assert build_strategy(_cfg("trainer.strategy=ddp", "trainer.num_nodes=2"), "gpu", "bf16-mixed") == "ddp"
+
+
+def test_deepspeed_on_one_process_trains_single_device_unless_it_does_something_there(tmp_path: Path,
+                                                                                      caplog) -> None:
+    caplog.set_level(logging.INFO, logger="pope_lm")
+    for stage in (1, 2):  # ZeRO-1/2 shard over the ranks: nothing to shard on one
+        one = _cfg("trainer.strategy=deepspeed", f"trainer.zero_stage={stage}", "trainer.devices=1")
+        assert resolve_strategy(one, None).trainer.strategy == "auto"
+        assert caplog.messages[-1] == (f"trainer.strategy=deepspeed -> auto: ZeRO-{stage} on one process shards "
+                                       "nothing, so this run trains with the single-device strategy (checkpoints "
+                                       "are files)")
+    zero_dir = tmp_path / checkpoint_name(4)
+    zero_dir.mkdir()
+    user_json = tmp_path / "ds.json"
+    user_json.write_text("{}")
+    kept = [
+        (_cfg(*DEEPSPEED), None),  # two processes
+        (_cfg("trainer.strategy=deepspeed", "trainer.devices=1", "trainer.zero_stage=3"), None),
+        (_cfg("trainer.strategy=deepspeed", "trainer.devices=1", "trainer.offload_optimizer=true"), None),
+        (_cfg("trainer.strategy=deepspeed", "trainer.devices=1", f"trainer.deepspeed_config={user_json}"), None),
+        (_cfg("trainer.strategy=deepspeed", "trainer.devices=1"), zero_dir),  # only DeepSpeed reads its directories
+    ]
+    for cfg, resume_path in kept:
+        assert resolve_strategy(cfg, resume_path) is cfg
 
 
 def test_resuming_a_zero_directory_without_deepspeed_is_a_one_line_error(tmp_path: Path,

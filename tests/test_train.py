@@ -238,11 +238,13 @@ def test_skipped_corrupt_shards_are_counted_in_the_logged_metrics(tmp_path):
     [
         ([], "cpu", False),
         ([], "gpu", True),  # the fast path by default
-        (["trainer.strategy=deepspeed"], "gpu", False),
+        (["trainer.strategy=deepspeed"], "gpu", True),  # ZeRO-2, the default stage
+        (["trainer.strategy=deepspeed", "trainer.zero_stage=1"], "gpu", True),
+        (["trainer.strategy=deepspeed", "trainer.zero_stage=3"], "gpu", False),
         (["trainer.compile=false"], "gpu", False),
         (["trainer.compile=true"], "cpu", True),
-        (["trainer.compile=true", "trainer.strategy=deepspeed"], "gpu", True),
+        (["trainer.compile=true", "trainer.strategy=deepspeed", "trainer.zero_stage=3"], "gpu", True),
     ],
 )
-def test_the_model_compiles_by_default_on_gpu_unless_set_or_under_deepspeed(overrides, accelerator, expected):
+def test_the_model_compiles_by_default_on_gpu_unless_set_or_under_zero3(overrides, accelerator, expected):
     assert compiles(load_config("recipes/tiny.yaml", overrides), accelerator) is expected
