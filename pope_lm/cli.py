@@ -10,6 +10,7 @@ import importlib.metadata
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from pope_lm.config import ConfigError
@@ -210,11 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    """False for Lightning's tip, at the start of every Trainer, to install its cloud logger (litlogger)."""
+    return not record.getMessage().startswith("💡 Tip:")
+
+
+def _silence_library_noise() -> None:
+    """Drop what libraries print on every run that the user can neither act on nor needs."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)  # added once, however often
+    # Lightning 2.6 calls a pytree API that torch deprecates (lightning/pytorch/utilities/_pytree.py; torch 2.11, 2.13)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("POPE_LM_LOG_LEVEL", "INFO"), format="%(message)s")
     # Lightning's package logger prints through a handler of its own and still propagates to the root's: every
     # Lightning message would appear twice.
     logging.getLogger("lightning").propagate = False
+    _silence_library_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -64,6 +64,7 @@ def test_tiny_recipe_learns_shakespeare_and_logs_to_mlflow(tmp_path):
                          "trainer.val_every_n_steps=40", "optim.warmup_steps=10", "checkpoint.every_n_steps=20",
                          run_dir=run_dir))
     assert out.count("GPU available:") == 1, "Lightning's messages are printed once"
+    assert "litlogger" not in out and "LeafSpec" not in out  # library noise the CLI filters
     # Piped (as into a Slurm log): a line per refresh point and per validation, no tqdm bar redrawn in place.
     assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["10/40", "20/40", "30/40",
                                                                                         "40/40"]
