@@ -103,7 +103,8 @@ def choose_micro_batch(sizes: Sequence[int], step: ProbeStep, total_bytes: int,
                     f"{size} peaked at {peak / GIB:.1f} GiB, over {headroom:.0%} of the card")
     raise ConfigError(f"'trainer.micro_batch_size' auto: no micro-batch fits in {headroom:.0%} of the card's "
                       f"{total_bytes / GIB:.1f} GiB ({rejected}); set model.activation_checkpointing=true, shorten "
-                      f"data.seq_len or shard the model state with trainer.strategy=deepspeed")
+                      f"data.seq_len, shard the model state over several GPUs with trainer.strategy=deepspeed or "
+                      f"offload it to the CPU (trainer.strategy=deepspeed trainer.offload_optimizer=true)")
 
 
 def _probe(step: ProbeStep, size: int) -> int | None:

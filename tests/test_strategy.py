@@ -181,6 +181,15 @@ def test_deepspeed_on_one_process_trains_single_device_unless_it_does_something_
         assert resolve_strategy(cfg, resume_path) is cfg
 
 
+def test_a_deepspeed_recipe_trains_on_one_process_without_deepspeed(tmp_path: Path) -> None:
+    # what `pope-lm train recipes/774m.yaml` does on one GPU (here the CPU, which DeepSpeed itself would refuse)
+    assert main(["train", str(TINY), *FAST, "trainer.strategy=deepspeed", "trainer.max_steps=2",
+                 "checkpoint.every_n_steps=2", "trainer.val_every_n_steps=100", f"run_dir={tmp_path}"]) == 0
+    checkpoint = tmp_path / "checkpoints" / checkpoint_name(2)
+    assert checkpoint.is_file()  # Lightning's own format, not a ZeRO directory
+    assert checkpoint_state(checkpoint)[CONFIG_KEY]["trainer"]["strategy"] == "auto"  # what ran
+
+
 def test_resuming_a_zero_directory_without_deepspeed_is_a_one_line_error(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture) -> None:
     sharded = tmp_path / checkpoint_name(4)
