@@ -16,8 +16,9 @@ and a second launch continues it with resume=auto: its curve should continue the
     python benchmarks/scaleout.py report OUT/*.json > benchmarks/results/scaleout_124m_h100.md
 
 `run` writes OUT/<recipe>-<spec>.json per run; `report` turns such files into a Markdown table with the scaling
-efficiency (tokens/s on N GPUs / N x tokens/s of the same strategy on 1 GPU; `ddp:1` trains with the single-device
-strategy, as `pope-lm train` runs ddp on one process), the peak memory per GPU and the largest loss difference
+efficiency (tokens/s on N GPUs / N x tokens/s of the same strategy on 1 GPU; `ddp:1`, `zero1:1` and `zero2:1` train
+with the single-device strategy, as `pope-lm train` runs them on one process, so theirs is against what one GPU
+gets), the peak memory per GPU and the largest loss difference
 against DDP on as many GPUs, against the same strategy on one GPU (the same global batch), and, for a resumed run,
 against its uninterrupted twin.
 docs/scaling.md says how to run it through the device tool.
