@@ -80,7 +80,7 @@ def accumulation_steps(cfg: RunConfig) -> int:
 
 def resolve_strategy(cfg: RunConfig, resume_path: Path | None) -> RunConfig:
     """`cfg` with trainer.strategy=deepspeed replaced by auto (Lightning's single-device strategy) where DeepSpeed has
-    nothing to do: on one process, ZeRO-1/2 shard over one rank. Its engine still copies every micro-batch's
+    nothing to do: ZeRO-1/2 on one process, which shard over a single rank. Its engine still copies every micro-batch's
     gradients into its buckets and steps flat fp32 copies of the weights: on one H100 the 774m recipe trained at
     62K tokens/s under ZeRO-2 against 80K single-device, both compiled (benchmarks/train_throughput_results.md,
     session 26). DeepSpeed stays for what it does on one process too (ZeRO-3, CPU offload, a DeepSpeed JSON's
