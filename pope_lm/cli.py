@@ -221,6 +221,9 @@ def _silence_library_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)  # added once, however often
     # Lightning 2.6 calls a pytree API that torch deprecates (lightning/pytorch/utilities/_pytree.py; torch 2.11, 2.13)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning's advice to give the evaluation loaders more workers, on machines with many cores: they read their
+    # few batches in order in the main process by design (TokenDataModule._eval_loader), whatever data.num_workers is
+    warnings.filterwarnings("ignore", message=r"The '(val|test)_dataloader' does not have many workers")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

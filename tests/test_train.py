@@ -16,9 +16,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from launch_helpers import FAST, TINY
 from mlflow import MlflowClient
 
 from pope_lm.checkpointing import list_checkpoints
+from pope_lm.cli import main
 from pope_lm.config import load_config
 from pope_lm.data.corpora import prepare_text
 from pope_lm.data.prepare import Settings
@@ -56,6 +58,17 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step)):
         values[m.step] = m.value
     return values
+
+
+def test_no_advice_to_add_workers_to_the_evaluation_loaders(tmp_path, monkeypatch, recwarn):
+    # Lightning advises it where the machine has cores to spare (this one has 2: pretend 8); the evaluation loaders
+    # read in the main process by design, so the advice only misleads.
+    import lightning.pytorch.trainer.connectors.data_connector as data_connector
+
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda num_devices: 8)
+    assert main(["train", str(TINY), *FAST, "trainer.max_steps=2", "trainer.val_every_n_steps=1",
+                 "data.num_workers=2", f"run_dir={tmp_path}"]) == 0
+    assert not [w for w in recwarn if "does not have many workers" in str(w.message)]
 
 
 def test_tiny_recipe_learns_shakespeare_and_logs_to_mlflow(tmp_path):
