@@ -66,7 +66,7 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: int = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | deepspeed (GPU only; see docs/scaling.md)
+    strategy: str = "auto"  # auto | ddp | deepspeed (GPUs); one process runs ddp and ZeRO-1/2 single-device
     zero_stage: int = 2  # deepspeed: ZeRO shards 1 optimizer states, 2 + gradients, 3 + parameters over the ranks
     offload_optimizer: bool = False  # deepspeed: optimizer states and fp32 master weights in CPU memory
     offload_params: bool = False  # deepspeed with zero_stage 3: parameters in CPU memory between uses
