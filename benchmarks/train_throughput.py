@@ -50,7 +50,7 @@ from pope_lm.config import ConfigError, ModelConfig, RunConfig, load_config
 from pope_lm.lit_module import LitGPT
 from pope_lm.model import GPT, padded_vocab_size
 from pope_lm.monitoring import peak_flops
-from pope_lm.strategy import build_strategy
+from pope_lm.strategy import build_strategy, resolve_strategy
 
 
 class NanoGPT(nn.Module):
@@ -271,7 +271,7 @@ def time_lightning(cfg: RunConfig, batches: list[torch.Tensor], warmup: int, ste
     accelerator, precision = ("gpu", "bf16-mixed") if device.type == "cuda" else ("cpu", "32-true")
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, precision=precision,
-        strategy=strategy or build_strategy(_one_device(cfg), accelerator, precision),
+        strategy=strategy or build_strategy(resolve_strategy(_one_device(cfg), None), accelerator, precision),
         max_steps=warmup + steps + profile_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
     )
