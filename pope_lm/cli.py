@@ -224,6 +224,9 @@ def _silence_library_noise() -> None:
     # Lightning's advice to give the evaluation loaders more workers, on machines with many cores: they read their
     # few batches in order in the main process by design (TokenDataModule._eval_loader), whatever data.num_workers is
     warnings.filterwarnings("ignore", message=r"The '(val|test)_dataloader' does not have many workers")
+    # Lightning's DeepSpeed strategy warns that an overridden configure_gradient_clipping will not clip: it is
+    # overridden to do nothing on purpose, since pope-lm's DeepSpeed config clips (DeepSpeedLitGPT)
+    warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
