@@ -1,5 +1,6 @@
-"""Triton kernels for pope-lm (installed as `pope_lm.kernels`): PoPE flash attention (flash.py, and flash_hopper.py on
-H100s) and the head's fused cross-entropy (cross_entropy.py).
+"""GPU kernels for pope-lm (installed as `pope_lm.kernels`): PoPE flash attention (flash.py, and flash_hopper.py on
+H100s), the head's fused cross-entropy (cross_entropy.py), both in Triton, and the MLP with GELU in cuBLASLt's matmul
+epilogues (gelu_mlp.py).
 
 From the repository root (`python -m pytest`, `python -c`), this folder is also importable as a top-level package
 `kernels`: the name of Hugging Face's kernel hub, which transformers imports to probe for it when it finds no installed

@@ -125,6 +125,7 @@ class RunConfig:
 
 _CHOICES = {
     "model.position": ("pope", "rope", "none"),
+    "model.activation": ("gelu", "gelu_tanh"),
     "model.delta_init": ("zero", "uniform"),
     "model.attention_backend": ("auto", "reference", "triton"),
     "model.rope_scaling_type": ("none", "pi", "ntk", "yarn"),

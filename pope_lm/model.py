@@ -5,6 +5,7 @@ position encoding (PoPE, RoPE or none), a 4x GELU MLP and an output head tied to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +85,22 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
         self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.approximate = {"gelu": "none", "gelu_tanh": "tanh"}[cfg.activation]
+        # the same function with GELU in cuBLASLt's matmul epilogues, for CUDA tensors
+        self.fused = _fused_gelu_mlp() if cfg.activation == "gelu_tanh" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
+        if self.fused is not None and x.is_cuda:
+            return self.dropout(self.fused(x, self.up.weight, self.down.weight))
+        return self.dropout(self.down(F.gelu(self.up(x), approximate=self.approximate)))
+
+
+def _fused_gelu_mlp() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    try:  # imported lazily, as the attention kernels: an exported HF model may run without pope_lm.kernels
+        from pope_lm.kernels.gelu_mlp import gelu_mlp
+    except ImportError:
+        return None
+    return gelu_mlp
 
 
 class Block(nn.Module):

@@ -18,6 +18,11 @@ class ModelConfig:
     n_head: int = 12
     head_dim: int = 64
     mlp_ratio: int = 4
+    # The MLP's GELU: gelu (exact, with erf) | gelu_tanh (the tanh approximation GPT-2 trained with). On CUDA in bf16 or
+    # fp16, gelu_tanh runs inside cuBLASLt's matmul epilogues (pope_lm/kernels/gelu_mlp.py), which removes the GELU
+    # kernels' passes over the (tokens x 4d) activations; the recipes use it. The default stays gelu, the function of
+    # checkpoints saved before this field existed.
+    activation: str = "gelu"
     dropout: float = 0.0
     position: str = "pope"  # pope | rope | none
     theta: float = 10000.0  # frequency base for PoPE and RoPE

@@ -119,6 +119,22 @@ def test_rope_scaling_survives_export_and_meta_device_loading(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, native(ids)[..., :100])
 
 
+def test_tanh_gelu_survives_export(tmp_path):
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(vocab_size=100, n_layer=2, d_model=32, n_head=4, head_dim=8, activation="gelu_tanh")
+    native = GPT(model_cfg).eval()
+    hf = PopeLMForCausalLM(PopeLMConfig(**vars(model_cfg)))
+    hf.model.load_state_dict(native.state_dict())
+    hf.save_pretrained(tmp_path)
+    loaded = PopeLMForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.activation == "gelu_tanh"
+    ids = torch.randint(0, 100, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, native(ids)[..., :100])
+        native.blocks[0].mlp.approximate = "none"  # the test can tell the two GELUs apart
+        assert not torch.allclose(loaded(ids).logits, native(ids)[..., :100])
+
+
 def test_left_padding_is_refused_and_right_padding_changes_nothing(exported):
     _, out = exported
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()

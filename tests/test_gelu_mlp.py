@@ -1,0 +1,55 @@
+"""The MLP with GELU in cuBLASLt's epilogues (`pope_lm.kernels.gelu_mlp`): on the CPU its custom ops run the same
+function in torch, which pins the autograd wiring and torch.compile's view of it; on the GPU
+`benchmarks/gelu_epilogue.py` checks cuBLASLt's own outputs against torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pope_lm.config import ModelConfig
+from pope_lm.kernels.gelu_mlp import gelu_mlp
+from pope_lm.model import MLP
+
+
+def _torch_mlp(x, up, down):
+    return F.linear(F.gelu(F.linear(x, up), approximate="tanh"), down)
+
+
+def _operands(dtype=torch.float64):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+    up = torch.randn(64, 16, dtype=dtype, requires_grad=True)
+    down = torch.randn(16, 64, dtype=dtype, requires_grad=True)
+    return x, up, down
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_output_and_all_three_gradients_equal_the_torch_mlp(compiled):
+    x, up, down = _operands()
+    dy = torch.randn(2, 5, 16, dtype=torch.float64)
+    fn = torch.compile(gelu_mlp, fullgraph=True, backend="aot_eager") if compiled else gelu_mlp
+    y = fn(x, up, down)
+    expected = _torch_mlp(x, up, down)
+    torch.testing.assert_close(y, expected)
+    for got, want in zip(torch.autograd.grad(y, (x, up, down), dy),
+                         torch.autograd.grad(expected, (x, up, down), dy), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_under_autocast_it_computes_in_the_autocast_dtype_and_returns_fp32_weight_gradients():
+    x, up, down = _operands(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gelu_mlp(x, up, down)
+        expected = _torch_mlp(x, up, down)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    y.float().sum().backward()
+    assert up.grad.dtype == down.grad.dtype == x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("activation", "approximate"), [("gelu", "none"), ("gelu_tanh", "tanh")])
+def test_model_mlp_applies_the_configured_gelu(activation, approximate):
+    mlp = MLP(ModelConfig(d_model=16, activation=activation))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(mlp(x), mlp.down(F.gelu(mlp.up(x), approximate=approximate)))
+    assert (mlp.fused is not None) == (activation == "gelu_tanh")
