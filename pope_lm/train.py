@@ -21,7 +21,7 @@ from pope_lm.checkpointing import (
     load_model,
     resolve_resume,
 )
-from pope_lm.config import ConfigError, RunConfig
+from pope_lm.config import ConfigError, ModelConfig, RunConfig, config_from_container
 from pope_lm.data import TokenDataModule
 from pope_lm.lit_module import CONFIG_KEY
 from pope_lm.monitoring import SpeedMonitor, peak_flops, progress_display
@@ -82,6 +82,8 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
         kind, needed = ("a DeepSpeed (ZeRO)", "deepspeed") if resume_path.is_dir() else ("a native", "ddp or auto")
         raise ConfigError(f"{resume_path} is {kind} checkpoint; resume it with trainer.strategy={needed}")
     run_id, resumed_cfg = _resumed_entries(resume_path)
+    if resumed_cfg is not None:
+        check_same_function(f"the checkpoint {resume_path}", config_from_container(resumed_cfg).model, cfg.model)
     precision = resolve_precision(cfg, accelerator)
     # auto becomes a number here, so that accumulation, DeepSpeed's config, the data module, the logged params and
     # the checkpoints' config all get the one that runs.
@@ -184,15 +186,25 @@ def _test(trainer: L.Trainer, module: L.LightningModule, datamodule: TokenDataMo
 def _start_from_weights(module: L.LightningModule, cfg: RunConfig) -> None:
     """Fine-tuning: copy the weights of `init_from` (step, optimizer and schedule start fresh)."""
     pretrained, pretrained_cfg = load_model(cfg.init_from)
-    if pretrained_cfg.model.position != cfg.model.position:
-        raise ConfigError(f"'init_from' {cfg.init_from} is a {pretrained_cfg.model.position} model; "
-                          f"this run's model.position is {cfg.model.position}")
+    check_same_function(f"'init_from' {cfg.init_from}", pretrained_cfg.model, cfg.model)
     try:
         module.model.load_state_dict(pretrained.state_dict())
     except RuntimeError as exc:
         raise ConfigError(f"'init_from' {cfg.init_from} does not fit this run's model: "
                           f"{str(exc).splitlines()[1].strip()}") from None
     log.info("starting from the weights of %s", cfg.init_from)
+
+
+# Model fields that change the function the weights compute, not their shapes: a run that goes on from another's
+# weights (a resume, or init_from) must keep them, since a strict load would not notice.
+FUNCTION_FIELDS = ("position", "activation")
+
+
+def check_same_function(source: str, saved: ModelConfig, current: ModelConfig) -> None:
+    for field in FUNCTION_FIELDS:
+        if getattr(saved, field) != getattr(current, field):
+            raise ConfigError(f"{source} was trained with model.{field}={getattr(saved, field)}; this run says "
+                              f"{getattr(current, field)} (set model.{field}={getattr(saved, field)} to go on from it)")
 
 
 def _resumed_entries(checkpoint: Path | None) -> tuple[str | None, dict[str, Any] | None]:

@@ -231,6 +231,16 @@ def test_init_from_starts_a_fresh_run_from_pretrained_weights(tmp_path, word_cor
     assert list_checkpoints(tmp_path / "finetune" / "checkpoints")[-1].name == "step-00000002.ckpt"
 
 
+def test_resuming_under_another_activation_fails_with_one_line(tmp_path, capsys):
+    # the weights fit either GELU, so only the recorded config can tell that the function would change
+    run = [str(TINY), *FAST, "trainer.val_every_n_steps=2", "checkpoint.every_n_steps=2", "tracking.enabled=false",
+           f"run_dir={tmp_path}"]
+    assert main(["train", *run, "trainer.max_steps=2", "model.activation=gelu"]) == 0
+    assert main(["train", *run, "trainer.max_steps=4", "resume=auto", "model.activation=gelu_tanh"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "model.activation=gelu;" in error and "step-00000002.ckpt" in error, error
+
+
 def test_skipped_corrupt_shards_are_counted_in_the_logged_metrics(tmp_path):
     rng = np.random.default_rng(0)
     dataset = tmp_path / "dataset"
