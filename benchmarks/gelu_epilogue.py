@@ -1,15 +1,18 @@
 """Could the MLP's matmuls take GELU into their epilogues and beat cuBLAS plus inductor's GELU kernels?
 
-A feasibility measurement for issue 8, before any model change. In a compiled pope-lm step the MLP runs
+A feasibility measurement for issue 8. In a compiled pope-lm step the MLP runs
 
     forward:   h = x W1^T (cuBLAS)   a = gelu(h) (inductor)          y = a W2^T
     backward:  dA = dY W2 (cuBLAS)   dH = dA * gelu'(h) (inductor)   ...
 
 and the GELU kernels cost 2.3 ms of the 124M step (`train_throughput_results.md`, session 22): each moves the
 (tokens x 4d) tensors through HBM once more. A matmul whose epilogue applies GELU (forward: writes h and a) or
-multiplies by gelu'(h) (backward: reads h, writes dH) skips writing and re-reading dA or h. This script times both
-fused candidates (plain Triton matmuls, autotuned here) against cuBLAS plus the compiled elementwise kernel, in one
-process, at the 124M and 774M MLP shapes, and checks them against torch.
+multiplies by gelu'(h) (backward: reads h, writes dH) skips writing and re-reading dA or h. This script times two
+fused candidates against cuBLAS plus the compiled elementwise kernel, in one process, at the 124M and 774M MLP
+shapes, and checks them against torch:
+- plain Triton matmuls, autotuned here, with erf GELU (session 22: half cuBLAS's speed);
+- cuBLASLt's own GELU_AUX and DGELU epilogues (`pope_lm.kernels.gelu_mlp`), whose GELU is the tanh approximation;
+  for these it also times a whole MLP layer, forward and backward, compiled, against the same layer in torch.
 
     python benchmarks/gelu_epilogue.py                  # on the GPU
     TRITON_INTERPRET=1 python benchmarks/gelu_epilogue.py --smoke   # the kernels' arithmetic, on the CPU
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from pope_lm.kernels.gelu_mlp import gelu_mlp, linear_gelu, matmul_dgelu
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _SQRT1_2 = tl.constexpr(1 / math.sqrt(2))
@@ -103,13 +108,17 @@ def down_grad_gelu(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> torch
 
 
 @torch.compile
-def _compiled_gelu(h: torch.Tensor) -> torch.Tensor:
-    return F.gelu(h)
+def _compiled_gelu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    return F.gelu(h, approximate=approximate)
 
 
 @torch.compile
-def _compiled_gelu_backward(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.gelu_backward(da, h)
+def _compiled_gelu_backward(da: torch.Tensor, h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(da, h, approximate=approximate)
+
+
+def _torch_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(x, w1), approximate=approximate), w2)
 
 
 def _inputs(tokens: int, d: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
@@ -128,7 +137,14 @@ def check(tokens: int, d: int, dtype: torch.dtype, device: str) -> None:
     h_ref = x.float() @ w1.float().t()
     dh = down_grad_gelu(dy, w2, h)
     dh_ref = torch.ops.aten.gelu_backward(dy.float() @ w2.float(), h.float())
-    for name, got, ref in (("h", h, h_ref), ("a", a, F.gelu(h_ref)), ("dH", dh, dh_ref)):
+    checks = [("h", h, h_ref), ("a", a, F.gelu(h_ref)), ("dH", dh, dh_ref)]
+    if device == "cuda":
+        g_lt, h_lt = linear_gelu(x, w1)
+        dh_lt = matmul_dgelu(dy, w2, h_lt)
+        checks += [("cuBLASLt h", h_lt, h_ref), ("cuBLASLt g", g_lt, F.gelu(h_ref, approximate="tanh")),
+                   ("cuBLASLt dH", dh_lt, torch.ops.aten.gelu_backward(dy.float() @ w2.float(), h_lt.float(),
+                                                                      approximate="tanh"))]
+    for name, got, ref in checks:
         err = ((got.float() - ref).norm() / ref.norm()).item()
         print(f"  {name}: relative error {err:.1e}", flush=True)
         if err > (2e-2 if dtype != torch.float32 else 1e-4):
@@ -146,18 +162,51 @@ def bench(tokens: int, d: int) -> None:
         "backward: cuBLAS dY W2": lambda: dy @ w2,
         "backward: compiled gelu_backward(dA, h)": lambda: _compiled_gelu_backward(dy @ w2, h),
         "backward: fused (reads h, writes dH)": lambda: down_grad_gelu(dy, w2, h),
+        "forward: compiled gelu(h), tanh": lambda: _compiled_gelu(h, "tanh"),
+        "forward: cuBLASLt GELU_AUX (writes h and g)": lambda: linear_gelu(x, w1),
+        "backward: compiled gelu_backward(dA, h), tanh": lambda: _compiled_gelu_backward(dy @ w2, h, "tanh"),
+        "backward: cuBLASLt DGELU (reads h, writes dH)": lambda: matmul_dgelu(dy, w2, h),
     }
     times = {name: triton.testing.do_bench(fn, warmup=50, rep=200) for name, fn in cases.items()}
-    times["backward: compiled gelu_backward(dA, h)"] -= times["backward: cuBLAS dY W2"]  # its own kernel only
+    for name in ("backward: compiled gelu_backward(dA, h)", "backward: compiled gelu_backward(dA, h), tanh"):
+        times[name] -= times["backward: cuBLAS dY W2"]  # its own kernel only
     print(f"tokens {tokens}, d {d} -> {4 * d} (bf16, {flops / 1e9:.0f} GFLOP a matmul)")
     for name, ms in times.items():
         tflops = f"  {flops / ms / 1e9:6.0f} TFLOP/s" if "compiled" not in name else ""
-        print(f"  {name:42} {ms * 1e3:7.1f} us{tflops}", flush=True)
-    for side in ("forward", "backward"):
-        unfused = sum(ms for name, ms in times.items() if name.startswith(side) and "fused (" not in name)
-        fused = next(ms for name, ms in times.items() if name.startswith(side) and "fused (" in name)
-        print(f"  {side}: cuBLAS + inductor {unfused * 1e3:.1f} us, fused {fused * 1e3:.1f} us "
+        print(f"  {name:46} {ms * 1e3:7.1f} us{tflops}", flush=True)
+    # (side, matmul, GELU kernel, fused candidate)
+    pairs = [("forward", "cuBLAS x W1^T", "compiled gelu(h)", "fused (writes h and a)"),
+             ("forward", "cuBLAS x W1^T", "compiled gelu(h), tanh", "cuBLASLt GELU_AUX (writes h and g)"),
+             ("backward", "cuBLAS dY W2", "compiled gelu_backward(dA, h)", "fused (reads h, writes dH)"),
+             ("backward", "cuBLAS dY W2", "compiled gelu_backward(dA, h), tanh", "cuBLASLt DGELU (reads h, writes dH)")]
+    for side, matmul, gelu, candidate in pairs:
+        unfused, fused = times[f"{side}: {matmul}"] + times[f"{side}: {gelu}"], times[f"{side}: {candidate}"]
+        print(f"  {side}: cuBLAS + {gelu} {unfused * 1e3:.1f} us, {candidate} {fused * 1e3:.1f} us "
               f"({fused / unfused - 1:+.1%})", flush=True)
+    bench_layer(x, dy, w1, w2)
+
+
+def bench_layer(x: torch.Tensor, dy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> None:
+    """One MLP layer's forward and backward, compiled: torch (erf and tanh GELU) against `gelu_mlp`.
+
+    Replayed as a CUDA graph, as `trainer.compile_mode=reduce-overhead` runs a step: launched one by one, a layer's
+    ~1 ms of GPU work waits on the host (session 27 measured gelu_mlp 18% slower that way, while its GPU time fell)."""
+    x, w1, w2 = (t.detach().requires_grad_() for t in (x, w1, w2))
+    layers = {"torch, erf GELU": torch.compile(lambda *a: _torch_mlp(*a, "none")),
+              "torch, tanh GELU": torch.compile(lambda *a: _torch_mlp(*a, "tanh")),
+              "gelu_mlp (cuBLASLt epilogues)": torch.compile(gelu_mlp)}
+
+    def step(layer):
+        layer(x, w1, w2).backward(dy)
+
+    times = {}
+    for name, layer in layers.items():
+        step(layer)  # compiles outside the graph capture
+        times[name] = triton.testing.do_bench_cudagraph(lambda layer=layer: step(layer), rep=100,
+                                                        grad_to_none=[x, w1, w2])
+    for name, ms in times.items():
+        print(f"  layer forward + backward, {name:30} {ms * 1e3:7.1f} us "
+              f"({ms / times['torch, tanh GELU'] - 1:+.1%} against torch, tanh)", flush=True)
 
 
 def main() -> None:
