@@ -221,6 +221,8 @@ def main() -> None:
         check(70, 48, torch.float16, "cpu")
         return
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for tokens in (1, 3, 70):  # decoding's single rows, and partial tiles
+        check(tokens, 48, torch.bfloat16, "cuda")
     for shape in args.shapes:
         tokens, d = (int(v) for v in shape.split(","))
         check(tokens, d, torch.bfloat16, "cuda")

@@ -18,8 +18,9 @@ forward instead of recomputing it (one more (tokens x 4d) tensor of activation m
 same fusion in plain Triton matmuls, which ran at half cuBLAS's speed and lost; here the matmuls are cuBLAS's own.
 
 cuBLASLt's GELU is the tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's own activation
-(`model.activation: gelu_tanh`). On devices other than CUDA, and for dtypes other than bf16 and fp16, the same
-function runs in plain torch. cuBLASLt is reached through ctypes, in the library torch itself loaded.
+(`model.activation: gelu_tanh`). On devices other than CUDA, for dtypes other than bf16 and fp16, and for widths that
+are not multiples of 8, the same function runs in plain torch. cuBLASLt is reached through ctypes, in the library
+torch itself loaded.
 """
 
 from __future__ import annotations
@@ -173,15 +174,16 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, out: torch.Tens
                              ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream)), "cublasLtMatmul")
 
 
-def fused(x: torch.Tensor) -> bool:
-    """Whether the MLP of x runs through cuBLASLt: CUDA tensors in bf16 or fp16."""
-    return x.is_cuda and x.dtype in _DATA_TYPES
+def fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether cuBLASLt runs the product of x and weight: CUDA tensors in bf16 or fp16, the weight's sides multiples of
+    8 (rows of 16 bytes: the alignment cuBLASLt's kernels and the epilogue's auxiliary matrix need)."""
+    return x.is_cuda and x.dtype in _DATA_TYPES and weight.shape[0] % 8 == 0 and weight.shape[1] % 8 == 0
 
 
 # Row-major (tokens x features) is column-major (features x tokens), so each product below is the transposed one.
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """g = gelu(h) and h = x W^T: x (M, K), W (N, K); g and h (M, N)."""
-    if not fused(x):
+    if not fused(x, weight):
         h = x @ weight.t()
         return F.gelu(h, approximate="tanh"), h
     g, h = (x.new_empty(x.shape[0], weight.shape[0]) for _ in range(2))
@@ -193,7 +195,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, to
 @torch.library.custom_op("pope_lm::matmul_dgelu", mutates_args=())
 def matmul_dgelu(dy: torch.Tensor, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """dh = (dy W) * gelu'(h): dy (M, K), W (K, N), h (M, N)."""
-    if not fused(dy):
+    if not fused(dy, weight):
         return torch.ops.aten.gelu_backward(dy @ weight, h, approximate="tanh")
     dh = torch.empty_like(h)
     _matmul(weight, dy, h, dh, transpose_a=False, epilogue=_EPILOGUE_DGELU)  # dh^T = (W^T dy^T) * gelu'(h^T)
