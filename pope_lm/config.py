@@ -81,7 +81,8 @@ class TrainerConfig:
     # in hooks around each module's forward; compiling it is untried, set true to try)
     compile: bool | None = None
     # torch.compile's mode: reduce-overhead replays each step's kernels as CUDA graphs, which pays off where
-    # kernel launches, not arithmetic, bound the step (small models, short sequences: recipes/indirect.yaml)
+    # kernel launches, not arithmetic, bound the step (small models, short sequences: recipes/indirect.yaml, and
+    # recipes/124m.yaml, which sets it)
     compile_mode: str = "default"
     peak_tflops: float = 0.0  # device peak for MFU; 0 picks it from the device name when known
     deterministic: bool = False
