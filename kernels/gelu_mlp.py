@@ -7,8 +7,7 @@ Compiled, a pope-lm MLP runs cuBLAS for the matmuls and inductor kernels for GEL
 
 and the two elementwise kernels make six passes over (tokens x 4d) tensors in HBM (forward: read h, write g;
 backward: read dg and h, write dh and g): 2.3 ms of a 124M step on an H100 (`benchmarks/train_throughput_results.md`,
-session 22). cuBLASLt applies GELU in the matmul's epilogue,
-where the tile is still in registers:
+session 22). cuBLASLt applies GELU in the matmul's epilogue, where the tile is still in registers:
 
     forward:   GELU_AUX epilogue: one matmul writes g and, as its auxiliary output, h
     backward:  DGELU epilogue: the matmul dy W2 reads h and writes dh = (dy W2) * gelu'(h) directly

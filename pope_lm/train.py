@@ -83,7 +83,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
         raise ConfigError(f"{resume_path} is {kind} checkpoint; resume it with trainer.strategy={needed}")
     run_id, resumed_cfg = _resumed_entries(resume_path)
     if resumed_cfg is not None:
-        check_same_function(f"the checkpoint {resume_path}", config_from_container(resumed_cfg).model, cfg.model)
+        _check_same_function(f"the checkpoint {resume_path}", config_from_container(resumed_cfg).model, cfg.model)
     precision = resolve_precision(cfg, accelerator)
     # auto becomes a number here, so that accumulation, DeepSpeed's config, the data module, the logged params and
     # the checkpoints' config all get the one that runs.
@@ -186,7 +186,7 @@ def _test(trainer: L.Trainer, module: L.LightningModule, datamodule: TokenDataMo
 def _start_from_weights(module: L.LightningModule, cfg: RunConfig) -> None:
     """Fine-tuning: copy the weights of `init_from` (step, optimizer and schedule start fresh)."""
     pretrained, pretrained_cfg = load_model(cfg.init_from)
-    check_same_function(f"'init_from' {cfg.init_from}", pretrained_cfg.model, cfg.model)
+    _check_same_function(f"'init_from' {cfg.init_from}", pretrained_cfg.model, cfg.model)
     try:
         module.model.load_state_dict(pretrained.state_dict())
     except RuntimeError as exc:
@@ -195,13 +195,13 @@ def _start_from_weights(module: L.LightningModule, cfg: RunConfig) -> None:
     log.info("starting from the weights of %s", cfg.init_from)
 
 
-# Model fields that change the function the weights compute, not their shapes: a run that goes on from another's
-# weights (a resume, or init_from) must keep them, since a strict load would not notice.
-FUNCTION_FIELDS = ("position", "activation")
+# Model fields that change the function the weights compute, not (always) their shapes: a run that goes on from
+# another's weights (a resume, or init_from) must keep them, since a strict load need not notice.
+_FUNCTION_FIELDS = ("position", "activation")
 
 
-def check_same_function(source: str, saved: ModelConfig, current: ModelConfig) -> None:
-    for field in FUNCTION_FIELDS:
+def _check_same_function(source: str, saved: ModelConfig, current: ModelConfig) -> None:
+    for field in _FUNCTION_FIELDS:
         if getattr(saved, field) != getattr(current, field):
             raise ConfigError(f"{source} was trained with model.{field}={getattr(saved, field)}; this run says "
                               f"{getattr(current, field)} (set model.{field}={getattr(saved, field)} to go on from it)")
