@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger("pope_lm")
 # cuBLASLt's enums (cublasLt.h, library_types.h, cublas_api.h).
 _COMPUTE_32F = 68  # cublasComputeType_t CUBLAS_COMPUTE_32F
 _R_32F = 0  # cudaDataType_t
@@ -111,9 +113,10 @@ def _handle_and_workspace(device_index: int) -> tuple[ctypes.c_void_p, ctypes.c_
 
 @functools.cache
 def _plan(device_index: int, dtype: torch.dtype, rows: int, cols: int, inner: int, transpose_a: int,
-          epilogue: int) -> tuple[ctypes.c_void_p, tuple[ctypes.c_void_p, ...], _HeuristicResult]:
+          epilogue: int) -> tuple[ctypes.c_void_p, tuple[ctypes.c_void_p, ...], _HeuristicResult] | None:
     """The matmul descriptor, the layouts of A, B and D, and cuBLASLt's best algorithm for the column-major product
-    D (rows x cols) = op(A) B, B (inner x cols), with the epilogue's auxiliary matrix laid out as D."""
+    D (rows x cols) = op(A) B, B (inner x cols), with the epilogue's auxiliary matrix laid out as D; None where
+    cuBLASLt has no algorithm for it (said once per shape)."""
     lt, (handle, _) = _lt(), _handle_and_workspace(device_index)
     desc = ctypes.c_void_p()
     _check(lt.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
@@ -145,22 +148,26 @@ def _plan(device_index: int, dtype: torch.dtype, rows: int, cols: int, inner: in
                                              ctypes.byref(found)), "cublasLtMatmulAlgoGetHeuristic")
     lt.cublasLtMatmulPreferenceDestroy(preference)
     if found.value == 0:
-        raise RuntimeError(f"cuBLASLt has no algorithm for a {rows}x{cols}x{inner} {dtype} matmul with epilogue "
-                           f"{epilogue}")
+        log.warning("cuBLASLt has no algorithm for a %dx%dx%d %s matmul with epilogue %d on this GPU; the MLP computes "
+                    "GELU in torch there (slower, the same function)", rows, cols, inner, dtype, epilogue)
+        return None
     return desc, (a, b, d), result
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, out: torch.Tensor, *, transpose_a: bool,
-            epilogue: int) -> None:
-    """Column-major out (rows x cols) = op(a) b with the epilogue reading or writing aux, all contiguous."""
+            epilogue: int) -> bool:
+    """Column-major out (rows x cols) = op(a) b with the epilogue reading or writing aux, all contiguous; False if
+    cuBLASLt has no algorithm for it."""
     for tensor in (a, b, aux, out):
         if not tensor.is_contiguous() or tensor.data_ptr() % _ALIGNMENT:
             raise ValueError("gelu_mlp: cuBLASLt needs contiguous, 16-byte-aligned operands")
     cols, rows = out.shape  # row-major (cols x rows) is column-major (rows x cols)
     inner = b.shape[1]
     index = out.device.index if out.device.index is not None else torch.cuda.current_device()
-    desc, (a_layout, b_layout, d_layout), result = _plan(index, out.dtype, rows, cols, inner, int(transpose_a),
-                                                         epilogue)
+    plan = _plan(index, out.dtype, rows, cols, inner, int(transpose_a), epilogue)
+    if plan is None:
+        return False
+    desc, (a_layout, b_layout, d_layout), result = plan
     lt, (handle, workspace) = _lt(), _handle_and_workspace(index)
     pointer = ctypes.c_void_p(aux.data_ptr())
     _check(lt.cublasLtMatmulDescSetAttribute(desc, _DESC_AUX_POINTER, ctypes.byref(pointer), ctypes.sizeof(pointer)),
@@ -171,34 +178,37 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, out: torch.Tens
                              ctypes.c_void_p(b.data_ptr()), b_layout, ctypes.byref(zero), d, d_layout, d, d_layout,
                              ctypes.byref(result.algo), workspace, ctypes.c_size_t(_WORKSPACE_BYTES),
                              ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream)), "cublasLtMatmul")
+    return True
 
 
 def fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether cuBLASLt runs the product of x and weight: CUDA tensors in bf16 or fp16, the weight's sides multiples of
-    8 (rows of 16 bytes: the alignment cuBLASLt's kernels and the epilogue's auxiliary matrix need)."""
-    return x.is_cuda and x.dtype in _DATA_TYPES and weight.shape[0] % 8 == 0 and weight.shape[1] % 8 == 0
+    """Whether cuBLASLt may run the product of x and weight: CUDA tensors (not ROCm's) in bf16 or fp16, the weight's
+    sides multiples of 8 (rows of 16 bytes, the alignment that cuBLASLt's kernels and the epilogue's auxiliary matrix
+    need)."""
+    return (x.is_cuda and torch.version.cuda is not None and x.dtype in _DATA_TYPES and weight.shape[0] % 8 == 0
+            and weight.shape[1] % 8 == 0)
 
 
 # Row-major (tokens x features) is column-major (features x tokens), so each product below is the transposed one.
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """g = gelu(h) and h = x W^T: x (M, K), W (N, K); g and h (M, N)."""
-    if not fused(x, weight):
-        h = x @ weight.t()
-        return F.gelu(h, approximate="tanh"), h
-    g, h = (x.new_empty(x.shape[0], weight.shape[0]) for _ in range(2))
-    _matmul(weight, x, h, g, transpose_a=True, epilogue=_EPILOGUE_GELU_AUX)  # g^T = gelu(W x^T), aux h^T
-    return g, h
+    if fused(x, weight):
+        g, h = (x.new_empty(x.shape[0], weight.shape[0]) for _ in range(2))
+        if _matmul(weight, x, h, g, transpose_a=True, epilogue=_EPILOGUE_GELU_AUX):  # g^T = gelu(W x^T), aux h^T
+            return g, h
+    h = x @ weight.t()
+    return F.gelu(h, approximate="tanh"), h
 
 
 # A custom op, because the backward below, which calls it, is traced by torch.compile.
 @torch.library.custom_op("pope_lm::matmul_dgelu", mutates_args=())
 def matmul_dgelu(dy: torch.Tensor, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """dh = (dy W) * gelu'(h): dy (M, K), W (K, N), h (M, N)."""
-    if not fused(dy, weight):
-        return torch.ops.aten.gelu_backward(dy @ weight, h, approximate="tanh")
-    dh = torch.empty_like(h)
-    _matmul(weight, dy, h, dh, transpose_a=False, epilogue=_EPILOGUE_DGELU)  # dh^T = (W^T dy^T) * gelu'(h^T)
-    return dh
+    if fused(dy, weight):
+        dh = torch.empty_like(h)
+        if _matmul(weight, dy, h, dh, transpose_a=False, epilogue=_EPILOGUE_DGELU):  # dh^T = (W^T dy^T) * gelu'(h^T)
+            return dh
+    return torch.ops.aten.gelu_backward(dy @ weight, h, approximate="tanh")
 
 
 @matmul_dgelu.register_fake

@@ -53,3 +53,18 @@ def test_model_mlp_applies_the_configured_gelu(activation, approximate):
     x = torch.randn(3, 16)
     torch.testing.assert_close(mlp(x), mlp.down(F.gelu(mlp.up(x), approximate=approximate)))
     assert (mlp.fused is not None) == (activation == "gelu_tanh")
+
+
+def test_where_cublaslt_has_no_algorithm_the_same_function_runs_in_torch(monkeypatch):
+    from pope_lm.kernels import gelu_mlp as module
+
+    monkeypatch.setattr(module, "fused", lambda x, weight: True)
+    monkeypatch.setattr(module, "_matmul", lambda *args, **kwargs: False)  # as for a shape without an algorithm
+    x, up, down = _operands()
+    y = gelu_mlp(x, up, down)
+    expected = _torch_mlp(x, up, down)
+    torch.testing.assert_close(y, expected)
+    dy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, up, down), dy),
+                         torch.autograd.grad(expected, (x, up, down), dy), strict=True):
+        torch.testing.assert_close(got, want)
