@@ -8,7 +8,7 @@ the DeepSpeed config from `pope_lm.strategy.deepspeed_config`), trains 4 optimiz
 saves a ZeRO checkpoint after steps 2 and 4 the way Lightning's DeepSpeedStrategy does (tag 'checkpoint', the
 pope-lm config in the client state); then a fresh engine resumes from the step-2 checkpoint and repeats steps 3
 and 4. Rank 0 writes OUT_DIR/zero{stage}/result.pt: the per-step losses of both runs and the engine's full fp32
-weights after step 4.
+weights after step 4. Last, ZeRO-3 runs again into OUT_DIR/zero3-fused-mlp with the MLPs called as on CUDA (below).
 """
 
 from __future__ import annotations
@@ -89,10 +89,23 @@ def run_stage(stage: int, out: Path) -> None:
         torch.save({"losses": losses, "resumed_losses": resumed_losses, "weights": weights}, out / "result.pt")
 
 
+def call_mlps_as_on_cuda() -> None:
+    """Route every MLP through `gelu_mlp` as CUDA runs do (on the CPU its op computes the same function in torch). It
+    reads the Linears' weights without calling their forward, and ZeRO-3 must gather them all the same."""
+    import pope_lm.model
+
+    def forward(self: pope_lm.model.MLP, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fused(x, self.up.weight, self.down.weight))
+
+    pope_lm.model.MLP.forward = forward  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")
     for zero_stage in (2, 3):
         run_stage(zero_stage, Path(sys.argv[1]) / f"zero{zero_stage}")
+    call_mlps_as_on_cuda()
+    run_stage(3, Path(sys.argv[1]) / "zero3-fused-mlp")
     # End the rank without interpreter teardown. Something outside Python's view keeps the four engines alive after
     # run_stage, even through gc.collect() (DeepSpeedEngine.destroy() frees only two), so their gloo process groups
     # and worker threads are still alive after destroy_process_group. Tearing those down while the interpreter

@@ -351,6 +351,13 @@ def test_zero_training_resumes_from_its_checkpoint_on_the_same_curve(zero_runs: 
 
 
 @pytest.mark.slow
+def test_zero3_gathers_the_mlp_weights_that_the_fused_gelu_op_reads(zero_runs: Path) -> None:
+    plain, fused = (torch.load(zero_runs / name / "result.pt") for name in ("zero3", "zero3-fused-mlp"))
+    assert fused["losses"] == plain["losses"] and fused["resumed_losses"] == plain["resumed_losses"]
+    for name, weight in plain["weights"].items():
+        torch.testing.assert_close(fused["weights"][name], weight)
+
+
 def test_zero2_and_zero3_follow_the_same_loss_curve(zero_runs: Path) -> None:
     zero2, zero3 = (torch.load(zero_runs / f"zero{stage}" / "result.pt")["losses"] for stage in (2, 3))
     assert zero2 == pytest.approx(zero3, abs=1e-5)
