@@ -395,7 +395,9 @@ PoPE against RoPE on the paper's indirect-indexing task, on JSB chorales and on 
 {report.session_number(report.sessions[-1])} sessions of one to {number_word(calls)} device calls. Every number of
 ours below is computed by `experiments/report.py` from the committed results in {folders} (MLflow exports,
 training logs, eval-length's CSVs); the paper's numbers are quoted from the paper.
-One seed per run, except where further seeds are named.
+One seed per run, except where further seeds are named. Every run here trained with exact GELU (they predate
+`model.activation`, which the recipes now set to `gelu_tanh`, session 27); to train them as they were, add
+`model.activation=gelu`.
 """
 
 
