@@ -4,7 +4,7 @@
 #      fwd+bwd timed against the given revisions, in one process;
 #   2. compute-sanitizer synccheck over one small forward+backward (barrier misuse: a named barrier's count, a
 #      bar.sync that not every thread of a warp reaches), with more blocks than SMs, so that the persistent forward
-#      and dq pass loop over items;
+#      and dq pass loop over items; then over one with LONG_KEYS keys or more, the forward's long configuration;
 #   3. ncu's sampled stalls per instruction at the pretraining shape, summed by ncu_source_summary.py.
 # Logs come back in $OUT. Each revision is another flash_hopper.py (e.g. `git show HEAD:kernels/flash_hopper.py >
 # ab/head.py`) in an ignored folder that the call carries; one whose passes take other arguments needs a small adapter
@@ -12,9 +12,9 @@
 #
 #   run(kind="nvidia-h100-x1", carry=["ab"], command="bash benchmarks/hopper_session.sh ab/head.py")
 #
-# About 7-8 minutes with one revision, estimated from session 14's calls (hopper_check ~5, synccheck and ncu ~1 each);
-# on a fresh machine (cold compile cache) hopper_check with two revisions took 8 (session 15), so its 7-minute cap
-# may cut the last timed shapes: pass fewer revisions there. NO_NCU=1 skips step 3.
+# About 8-9 minutes with one revision, estimated from session 14's calls (hopper_check ~5, synccheck ~1 a shape, ncu
+# ~1); on a fresh machine (cold compile cache) hopper_check with two revisions took 8 (session 15), so its 7-minute
+# cap may cut the last timed shapes: pass fewer revisions there. NO_NCU=1 skips step 3.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -29,8 +29,11 @@ timeout 420 python3 benchmarks/hopper_check.py --no-triton-timings "${revisions[
     grep --line-buffered -v -i "warn\|run_backward" | tee "$OUT/hopper_check.log"
 
 echo "== synccheck"
-timeout 120 compute-sanitizer --tool synccheck python3 benchmarks/attention_profile.py --shape 8 4 1100 64 2>&1 |
-    grep -v "^==PROF==" | tail -4 | tee "$OUT/synccheck.log"
+for shape in "8 4 1100 64" "2 4 2100 64"; do  # (the second: 128-key tiles in the forward, flash_hopper.LONG_CONFIGS)
+    # shellcheck disable=SC2086
+    timeout 120 compute-sanitizer --tool synccheck python3 benchmarks/attention_profile.py --shape $shape 2>&1 |
+        grep -v "^==PROF==" | tail -4
+done | tee "$OUT/synccheck.log"
 
 if [ "${NO_NCU:-0}" != 1 ]; then
     echo "== ncu"
