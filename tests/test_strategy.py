@@ -358,6 +358,7 @@ def test_zero3_gathers_the_mlp_weights_that_the_fused_gelu_op_reads(zero_runs: P
         torch.testing.assert_close(fused["weights"][name], weight)
 
 
+@pytest.mark.slow
 def test_zero2_and_zero3_follow_the_same_loss_curve(zero_runs: Path) -> None:
     zero2, zero3 = (torch.load(zero_runs / f"zero{stage}" / "result.pt")["losses"] for stage in (2, 3))
     assert zero2 == pytest.approx(zero3, abs=1e-5)
