@@ -33,6 +33,7 @@ from torch import nn
 
 from pope_lm.config import ConfigError, RunConfig
 from pope_lm.lit_module import LitGPT
+from pope_lm.model import GPT, MLP
 from pope_lm.position import PoPE
 
 log = logging.getLogger("pope_lm")
@@ -250,6 +251,28 @@ def check_launcher_geometry(cfg: RunConfig) -> None:
         )
 
 
+def register_zero3_external_parameters(model: GPT) -> None:
+    """Tell ZeRO-3 about the parameters that a module other than their owner reads.
+
+    ZeRO-3 gathers a module's parameters around its own forward(). Some are read elsewhere:
+    - the embedding matrix, by GPT.forward (the tied output head);
+    - PoPE's delta, by the attention module (through PoPE.attend);
+    - on CUDA with gelu_tanh, the MLP's two Linear weights, which MLP.forward hands to the fused cuBLASLt op without
+      calling the Linears.
+    DeepSpeed discovers such uses only inside the engine's forward. LitGPT.on_train_start also calls the model
+    directly, where they would be empty shards. Registered, they are gathered with the module that reads them."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(model, model.embedding.weight)
+    for parent in model.modules():
+        for child in parent.children():
+            if isinstance(child, PoPE):
+                deepspeed.zero.register_external_parameter(parent, child.delta)
+        if isinstance(parent, MLP):
+            for linear in (parent.up, parent.down):
+                deepspeed.zero.register_external_parameter(parent, linear.weight)
+
+
 def lightning_module(cfg: RunConfig) -> LitGPT:
     """The LightningModule for the run's strategy."""
     return DeepSpeedLitGPT(cfg) if cfg.trainer.strategy == "deepspeed" else LitGPT(cfg)
@@ -261,18 +284,7 @@ class DeepSpeedLitGPT(LitGPT):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         if cfg.trainer.zero_stage == 3:
-            # ZeRO-3 gathers a module's parameters around its own forward(). Two are read elsewhere: the embedding
-            # matrix by GPT.forward (the tied output head) and PoPE's delta by the attention module (through
-            # PoPE.attend). DeepSpeed discovers such uses only inside the engine's forward; LitGPT.on_train_start
-            # also calls the model directly, where they would be empty shards. Registered, they are gathered with
-            # the module that reads them.
-            import deepspeed
-
-            deepspeed.zero.register_external_parameter(self.model, self.model.embedding.weight)
-            for parent in self.model.modules():
-                for child in parent.children():
-                    if isinstance(child, PoPE):
-                        deepspeed.zero.register_external_parameter(parent, child.delta)
+            register_zero3_external_parameters(self.model)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -8,7 +8,8 @@ the DeepSpeed config from `pope_lm.strategy.deepspeed_config`), trains 4 optimiz
 saves a ZeRO checkpoint after steps 2 and 4 the way Lightning's DeepSpeedStrategy does (tag 'checkpoint', the
 pope-lm config in the client state); then a fresh engine resumes from the step-2 checkpoint and repeats steps 3
 and 4. Rank 0 writes OUT_DIR/zero{stage}/result.pt: the per-step losses of both runs and the engine's full fp32
-weights after step 4. Last, ZeRO-3 runs again into OUT_DIR/zero3-fused-mlp with the MLPs called as on CUDA (below).
+weights after step 4, and the initial model's loss on one batch called outside and through the engine. Last, ZeRO-3
+runs again into OUT_DIR/zero3-fused-mlp with the MLPs called as on CUDA (below).
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from deepspeed.utils import safe_get_full_fp32_param
 from pope_lm.checkpointing import checkpoint_name
 from pope_lm.config import RunConfig, config_to_container, load_config
 from pope_lm.lit_module import CONFIG_KEY, LitGPT
-from pope_lm.strategy import accumulation_steps, clamp_sharded_phase_biases_, deepspeed_config
+from pope_lm.strategy import (
+    accumulation_steps,
+    clamp_sharded_phase_biases_,
+    deepspeed_config,
+    register_zero3_external_parameters,
+)
 
 STEPS = 4
 OVERRIDES = [
@@ -48,6 +54,8 @@ def batch(cfg: RunConfig, step: int, micro: int, rank: int) -> torch.Tensor:
 def engine_for(cfg: RunConfig) -> deepspeed.DeepSpeedEngine:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, as Lightning's seed_everything gives
     module = LitGPT(cfg)
+    if cfg.trainer.zero_stage == 3:  # as DeepSpeedLitGPT does
+        register_zero3_external_parameters(module.model)
     spec = module.configure_optimizers()
     engine, *_ = deepspeed.initialize(model=module, optimizer=spec["optimizer"],
                                       lr_scheduler=spec["lr_scheduler"]["scheduler"],
@@ -79,6 +87,7 @@ def run_stage(stage: int, out: Path) -> None:
     cfg = load_config(Path(__file__).parent.parent / "recipes" / "tiny.yaml",
                       [*OVERRIDES, f"trainer.zero_stage={stage}"])
     engine = engine_for(cfg)
+    scores = scored_outside_and_inside_the_engine(engine, cfg)
     losses = train(engine, cfg, range(STEPS), out)
     weights = {name: safe_get_full_fp32_param(p).clone() for name, p in engine.module.named_parameters()}
 
@@ -86,7 +95,19 @@ def run_stage(stage: int, out: Path) -> None:
     resumed.load_checkpoint(str(out / checkpoint_name(2)))
     resumed_losses = train(resumed, cfg, range(2, STEPS), None)
     if torch.distributed.get_rank() == 0:
-        torch.save({"losses": losses, "resumed_losses": resumed_losses, "weights": weights}, out / "result.pt")
+        torch.save({"losses": losses, "resumed_losses": resumed_losses, "weights": weights, "scores": scores},
+                   out / "result.pt")
+
+
+def scored_outside_and_inside_the_engine(engine: deepspeed.DeepSpeedEngine, cfg: RunConfig) -> tuple[float, float]:
+    """The initial model's loss on one batch, called directly as LitGPT.on_train_start calls it (outside the engine,
+    where ZeRO-3 gathers only what it was told of) and through the engine."""
+    tokens = batch(cfg, 0, 0, torch.distributed.get_rank())
+    with torch.no_grad():
+        outside = engine.module.model(tokens[:, :-1], tokens[:, 1:]).item()
+        logits = engine(tokens[:, :-1])
+        inside = F.cross_entropy(logits.view(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).item()
+    return outside, inside
 
 
 def call_mlps_as_on_cuda() -> None:

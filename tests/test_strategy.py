@@ -359,6 +359,15 @@ def test_zero3_gathers_the_mlp_weights_that_the_fused_gelu_op_reads(zero_runs: P
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("run", ["zero2", "zero3", "zero3-fused-mlp"])
+def test_the_model_called_outside_the_engine_scores_as_inside(zero_runs: Path, run: str) -> None:
+    # LitGPT.on_train_start scores the initial model so, outside DeepSpeed's forward: under ZeRO-3 every parameter a
+    # module reads without owning it must be registered (strategy.register_zero3_external_parameters)
+    outside, inside = torch.load(zero_runs / run / "result.pt")["scores"]
+    assert outside == pytest.approx(inside, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_zero2_and_zero3_follow_the_same_loss_curve(zero_runs: Path) -> None:
     zero2, zero3 = (torch.load(zero_runs / f"zero{stage}" / "result.pt")["losses"] for stage in (2, 3))
     assert zero2 == pytest.approx(zero3, abs=1e-5)
