@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,10 @@ _PREF_MAX_WORKSPACE_BYTES = 1
 _WORKSPACE_BYTES = 32 * 2**20
 # cuBLASLt's heuristics assume 16-byte-aligned operands; the caching allocator gives 512-byte-aligned blocks.
 _ALIGNMENT = 16
+# A plan's descriptor is shared by every call of its shape, and each call sets its own auxiliary pointer on it before
+# the launch: held from that setting until cuBLASLt has read it (the launch is enqueued), so that two threads (the
+# autograd engine's and the caller's, say) cannot launch with each other's.
+_DESCRIPTOR_LOCK = threading.Lock()
 
 
 class _HeuristicResult(ctypes.Structure):
@@ -99,7 +104,9 @@ def _cuda_malloc() -> ctypes._CFuncPtr:
 
 @functools.cache
 def _handle_and_workspace(device_index: int) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
-    """A cuBLASLt handle and a workspace for one device, for the life of the process.
+    """A cuBLASLt handle and a workspace for one device, for the life of the process. Every call on the device uses
+    this workspace: calls on one stream run in order, but calls on two streams at once would share it (training and
+    sampling use the current stream).
 
     The workspace comes from cudaMalloc, not from torch's allocator: under CUDA graphs (compile mode reduce-overhead)
     the first call runs during the graphs' warm-up, whose allocations belong to the graphs' private memory pool."""
@@ -170,14 +177,16 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, out: torch.Tens
     desc, (a_layout, b_layout, d_layout), result = plan
     lt, (handle, workspace) = _lt(), _handle_and_workspace(index)
     pointer = ctypes.c_void_p(aux.data_ptr())
-    _check(lt.cublasLtMatmulDescSetAttribute(desc, _DESC_AUX_POINTER, ctypes.byref(pointer), ctypes.sizeof(pointer)),
-           "cublasLtMatmulDescSetAttribute(aux)")
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
     d = ctypes.c_void_p(out.data_ptr())
-    _check(lt.cublasLtMatmul(handle, desc, ctypes.byref(one), ctypes.c_void_p(a.data_ptr()), a_layout,
-                             ctypes.c_void_p(b.data_ptr()), b_layout, ctypes.byref(zero), d, d_layout, d, d_layout,
-                             ctypes.byref(result.algo), workspace, ctypes.c_size_t(_WORKSPACE_BYTES),
-                             ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream)), "cublasLtMatmul")
+    stream = ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream)
+    with _DESCRIPTOR_LOCK:
+        _check(lt.cublasLtMatmulDescSetAttribute(desc, _DESC_AUX_POINTER, ctypes.byref(pointer),
+                                                 ctypes.sizeof(pointer)), "cublasLtMatmulDescSetAttribute(aux)")
+        _check(lt.cublasLtMatmul(handle, desc, ctypes.byref(one), ctypes.c_void_p(a.data_ptr()), a_layout,
+                                 ctypes.c_void_p(b.data_ptr()), b_layout, ctypes.byref(zero), d, d_layout, d, d_layout,
+                                 ctypes.byref(result.algo), workspace, ctypes.c_size_t(_WORKSPACE_BYTES), stream),
+               "cublasLtMatmul")
     return True
 
 

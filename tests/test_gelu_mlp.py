@@ -2,6 +2,10 @@
 function in torch, which pins the autograd wiring and torch.compile's view of it; on the GPU
 `benchmarks/gelu_epilogue.py` checks cuBLASLt's own outputs against torch."""
 
+import threading
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,3 +72,51 @@ def test_where_cublaslt_has_no_algorithm_the_same_function_runs_in_torch(monkeyp
     for got, want in zip(torch.autograd.grad(y, (x, up, down), dy),
                          torch.autograd.grad(expected, (x, up, down), dy), strict=True):
         torch.testing.assert_close(got, want)
+
+
+class _RecordingCublasLt:
+    """Stands in for cuBLASLt's two per-call entry points: remembers the auxiliary pointer last set on each descriptor
+    (then pauses, as a thread switch before the launch could) and, at each launch, which one it uses for which
+    output."""
+
+    def __init__(self):
+        self.aux_of_descriptor, self.launches = {}, []
+
+    def cublasLtMatmulDescSetAttribute(self, desc, attribute, value, size):
+        self.aux_of_descriptor[desc] = value._obj.value
+        time.sleep(0.001)
+        return 0
+
+    def cublasLtMatmul(self, handle, desc, alpha, a, a_layout, b, b_layout, beta, c, c_layout, d, *rest):
+        self.launches.append((self.aux_of_descriptor[desc], d.value))
+        return 0
+
+
+def test_concurrent_calls_of_one_shape_each_launch_with_their_own_auxiliary_matrix(monkeypatch):
+    # every call of a shape shares the plan's descriptor and sets its own aux pointer on it just before the launch
+    from pope_lm.kernels import gelu_mlp as module
+
+    library = _RecordingCublasLt()
+    monkeypatch.setattr(module, "_lt", lambda: library)
+    monkeypatch.setattr(module, "_handle_and_workspace", lambda index: (None, None))
+    monkeypatch.setattr(module, "_plan", lambda *args: ("descriptor", (None, None, None), module._HeuristicResult()))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=0))
+    # no cuBLASLt arithmetic happens: the operands' addresses are all these stand-ins are for
+    calls = [tuple(torch.empty(16, 8) for _ in range(4)) for _ in range(8)]
+
+    errors = []
+
+    def launch(a, b, aux, out):
+        try:
+            module._matmul(a, b, aux, out, transpose_a=True, epilogue=module._EPILOGUE_GELU_AUX)
+        except Exception as error:  # a thread's exception would otherwise pass unseen
+            errors.append(error)
+
+    threads = [threading.Thread(target=launch, args=call) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(library.launches) == sorted((aux.data_ptr(), out.data_ptr()) for _, _, aux, out in calls)
