@@ -103,6 +103,28 @@ def _cuda_malloc() -> ctypes._CFuncPtr:
 
 
 @functools.cache
+def _cuda_free() -> ctypes._CFuncPtr:
+    function = _loaded_library("libcudart").cudaFree
+    function.argtypes, function.restype = [_P], ctypes.c_int
+    return function
+
+
+_THREAD = threading.local()
+
+
+def _make_context_current() -> None:
+    """Make the current device's CUDA context current on this thread, once per thread.
+
+    cuBLASLt launches into the calling thread's current context, and a thread has one only after its first CUDA runtime
+    call. torch's tensor methods do not always make that call: a fresh thread that only slices tensors and allocates
+    from the caching allocator has none. There cublasLtMatmul failed with status 13 (session 29, on an H100).
+    cudaFree(NULL) is CUDA's way to make the context current without doing anything else."""
+    if not getattr(_THREAD, "context_current", False):
+        _check(_cuda_free()(None), "cudaFree(NULL)")
+        _THREAD.context_current = True
+
+
+@functools.cache
 def _handle_and_workspace(device_index: int) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
     """A cuBLASLt handle and a workspace for one device, for the life of the process. Every call on the device uses
     this workspace: calls on one stream run in order, but calls on two streams at once would share it (training and
@@ -180,6 +202,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, out: torch.Tens
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
     d = ctypes.c_void_p(out.data_ptr())
     stream = ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream)
+    _make_context_current()
     with _DESCRIPTOR_LOCK:
         _check(lt.cublasLtMatmulDescSetAttribute(desc, _DESC_AUX_POINTER, ctypes.byref(pointer),
                                                  ctypes.sizeof(pointer)), "cublasLtMatmulDescSetAttribute(aux)")

@@ -99,6 +99,7 @@ def test_concurrent_calls_of_one_shape_each_launch_with_their_own_auxiliary_matr
     library = _RecordingCublasLt()
     monkeypatch.setattr(module, "_lt", lambda: library)
     monkeypatch.setattr(module, "_handle_and_workspace", lambda index: (None, None))
+    monkeypatch.setattr(module, "_make_context_current", lambda: None)
     monkeypatch.setattr(module, "_plan", lambda *args: ("descriptor", (None, None, None), module._HeuristicResult()))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=0))
