@@ -72,7 +72,8 @@ def _check(status: int, call: str) -> None:
 
 
 _P, _INT, _SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
-_PROTOTYPES = {
+# The functions called through ctypes, by library: their argument types (each returns a status, 0 for success).
+_LT_PROTOTYPES = {
     "cublasLtCreate": [_P],
     "cublasLtMatmulDescCreate": [_P, _INT, _INT],
     "cublasLtMatmulDescSetAttribute": [_P, _INT, _P, _SIZE],
@@ -83,30 +84,25 @@ _PROTOTYPES = {
     "cublasLtMatmulAlgoGetHeuristic": [_P, _P, _P, _P, _P, _P, _P, _INT, _P, _P],
     "cublasLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _SIZE, _P],
 }
+_CUDART_PROTOTYPES = {"cudaMalloc": [_P, _SIZE], "cudaFree": [_P]}
 
 
-@functools.cache
-def _lt() -> ctypes.CDLL:
-    torch.cuda.init()  # loads torch's CUDA libraries, cuBLASLt among them
-    library = _loaded_library("libcublasLt")
-    for name, argtypes in _PROTOTYPES.items():
+def _with_prototypes(library: ctypes.CDLL, prototypes: dict[str, list]) -> ctypes.CDLL:
+    for name, argtypes in prototypes.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, ctypes.c_int
     return library
 
 
 @functools.cache
-def _cuda_malloc() -> ctypes._CFuncPtr:
-    function = _loaded_library("libcudart").cudaMalloc
-    function.argtypes, function.restype = [_P, _SIZE], ctypes.c_int
-    return function
+def _lt() -> ctypes.CDLL:
+    torch.cuda.init()  # loads torch's CUDA libraries, cuBLASLt among them
+    return _with_prototypes(_loaded_library("libcublasLt"), _LT_PROTOTYPES)
 
 
 @functools.cache
-def _cuda_free() -> ctypes._CFuncPtr:
-    function = _loaded_library("libcudart").cudaFree
-    function.argtypes, function.restype = [_P], ctypes.c_int
-    return function
+def _cudart() -> ctypes.CDLL:
+    return _with_prototypes(_loaded_library("libcudart"), _CUDART_PROTOTYPES)
 
 
 _THREAD = threading.local()
@@ -120,7 +116,7 @@ def _make_context_current() -> None:
     from the caching allocator has none. There cublasLtMatmul failed with status 13 (session 29, on an H100).
     cudaFree(NULL) is CUDA's way to make the context current without doing anything else."""
     if not getattr(_THREAD, "context_current", False):
-        _check(_cuda_free()(None), "cudaFree(NULL)")
+        _check(_cudart().cudaFree(None), "cudaFree(NULL)")
         _THREAD.context_current = True
 
 
@@ -136,7 +132,7 @@ def _handle_and_workspace(device_index: int) -> tuple[ctypes.c_void_p, ctypes.c_
         handle = ctypes.c_void_p()
         _check(_lt().cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
         workspace = ctypes.c_void_p()
-        _check(_cuda_malloc()(ctypes.byref(workspace), _WORKSPACE_BYTES), "cudaMalloc of the workspace")
+        _check(_cudart().cudaMalloc(ctypes.byref(workspace), _WORKSPACE_BYTES), "cudaMalloc of the workspace")
     return handle, workspace
 
 
