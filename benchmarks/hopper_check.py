@@ -3,14 +3,15 @@
 CI cannot run kernels/flash_hopper.py (Gluon has no CPU interpreter; tests/test_flash_hopper.py only compiles it), so
 this script is its numerical test on an H100:
 1. for each case of CASES (odd lengths, Nq < Nk with q_offset, one query, non-causal, fp16, the sharp q, k x 16 case,
-   D = 32 and 64) the relative errors of out, dq, dk, dv and d delta against the float64 reference, for the Triton
+   D = 32, 64 and 128) the relative errors of out, dq, dk, dv and d delta against the float64 reference, for the Triton
    kernels (POPE_LM_GLUON=0) and the Gluon ones side by side: a Gluon row must match the Triton row to the printed
    digit, since both build the same halves and differ only in summation order, and so must the "paired" row (the
    forward and the dq pass taking their work in the paired order, which these cases are too small to choose: see
    flash_hopper._work); then PACKED_CASES, whose q, k and v are views of one projection, as the model passes them
-   (--long-only: only the cases with LONG_KEYS keys or more, --packed-only: only PACKED_CASES);
-2. forward+backward time replayed from a CUDA graph at TIMED shapes for the Triton kernels, this checkout's Gluon
-   kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g. `git show
+   (--long-only: only the cases with LONG_KEYS keys or more, --packed-only: only PACKED_CASES, --head-dim: one head
+   dim's);
+2. forward+backward time replayed from a CUDA graph at TIMED shapes (or --timed) for the Triton kernels, this
+   checkout's Gluon kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g. `git show
    HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first each Gluon
    pass alone at the 124M pretraining shape (16, 12, 1024, 64) and at (1, 12, 10240, 64), or at --pass-shapes.
 
@@ -59,10 +60,18 @@ CASES = [
 # Nq < Nk, non-causal fp16
 CASES += [(64, 1, 2, 4100, 4100, 0, True, torch.bfloat16, 1.0), (64, 1, 2, 300, 5000, 4700, True, torch.bfloat16, 1.0),
           (64, 1, 2, 500, 4500, 0, False, torch.float16, 1.0)]
+# D = 128, where only the dk/dv pass is Gluon's (its consumers split the channels: flash_hopper._dkdv_kernel)
+CASES += [(128, *case) for case in [(2, 3, 1000, 1000, 0, True, torch.bfloat16, 1.0),
+                                    (1, 2, 777, 777, 0, True, torch.float16, 1.0),
+                                    (1, 2, 300, 1200, 900, True, torch.bfloat16, 1.0),
+                                    (1, 2, 1, 700, 699, True, torch.bfloat16, 1.0),
+                                    (4, 4, 64, 64, 0, True, torch.bfloat16, 16.0),
+                                    (2, 2, 10, 1000, 0, True, torch.bfloat16, 1.0),
+                                    (1, 2, 4100, 4100, 0, True, torch.bfloat16, 1.0)]]
 # q, k and v as the model passes them: views of one (B, N, 3, H, D) projection (rows 3 H D apart)
 PACKED_CASES = [(d, 2, 3, 1000, 1000, 0, True, torch.bfloat16, 1.0) for d in (64, 32)]
 TIMED = [(8, 12, 1024, 64), (16, 12, 1024, 64), (2, 12, 4096, 64), (1, 12, 10240, 64), (1, 16, 16384, 64),
-         (4, 16, 2048, 32), (1, 16, 8192, 32)]
+         (4, 16, 2048, 32), (1, 16, 8192, 32), (4, 16, 2048, 128), (1, 16, 8192, 128)]
 
 
 @contextmanager
@@ -175,6 +184,9 @@ def main() -> None:
                         help="time the Gluon kernels only (the Triton kernels autotune at every new shape: minutes)")
     parser.add_argument("--pass-shapes", nargs="*", default=["16,12,1024", "1,12,10240"], metavar="B,H,N",
                         help="shapes (D = 64) at which each pass is timed alone")
+    parser.add_argument("--timed", nargs="*", default=[",".join(map(str, shape)) for shape in TIMED],
+                        metavar="B,H,N,D", help="shapes at which forward+backward is timed")
+    parser.add_argument("--head-dim", type=int, help="check only the cases of this head dim")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.date.today(), flush=True)
     variants = {"triton": None, "gluon": flash.flash_hopper}
@@ -182,16 +194,19 @@ def main() -> None:
         variants[path.stem] = load_revision(path)
     if args.checks:  # this checkout's kernels, in both orders of work; the revisions are timed only
         checked = {name: variants[name] for name in ("triton", "gluon")} | {"paired": paired_order()}
+        cases, packed_cases = ([case for case in cases if args.head_dim in (None, case[0])]
+                               for cases in (CASES, PACKED_CASES))
         if args.long_only:
-            check([case for case in CASES if case[4] >= flash.flash_hopper.LONG_KEYS], checked)  # case[4]: Nk
+            check([case for case in cases if case[4] >= flash.flash_hopper.LONG_KEYS], checked)  # case[4]: Nk
         elif args.packed_only:
-            check(PACKED_CASES, checked, packed=True)
+            check(packed_cases, checked, packed=True)
         else:
-            check(CASES, checked)
-            check(PACKED_CASES, checked, packed=True)
+            check(cases, checked)
+            check(packed_cases, checked, packed=True)
     if args.timings:
         time_passes([tuple(int(x) for x in shape.split(",")) for shape in args.pass_shapes], variants)
-        time_fwd_bwd(TIMED, variants if args.triton_timings else {k: v for k, v in variants.items() if v is not None})
+        timed = [tuple(int(x) for x in shape.split(",")) for shape in args.timed]
+        time_fwd_bwd(timed, variants if args.triton_timings else {k: v for k, v in variants.items() if v is not None})
 
 
 if __name__ == "__main__":

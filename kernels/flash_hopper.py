@@ -14,9 +14,12 @@ it). The backward passes build their stationary rows from the pre-passes' magnit
     dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq.
     dk/dv     queries streamed: the producer builds qc, qs (phases computed directly), stages dO, and -lse, -D as
               folded rows (_folded); each consumer holds 64 keys: S^T - lse and dP^T - D (both from the tensor
-              cores), dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta.
+              cores), dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta. At D = 128, where dV, gc
+              and gs of 64 keys would take 192 registers a thread, both consumers hold the same 64 keys and each
+              accumulates half the channels; each computes the whole S^T and dP^T (_dkdv_kernel).
 
-The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows.
+The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows
+(64 in the dk/dv pass at D = 128).
 The forward and the dq pass are persistent: one program per SM loops over blocks of 128 query rows, and its ring
 runs on from one block to the next, so the next block's first tiles are built while the consumers finish the last.
 Which blocks each program takes (_work) balances the causal lengths and, where all heads' keys outgrow L2, keeps few
@@ -99,7 +102,7 @@ class Config:
 # tests/test_flash_hopper.py checks that each compiles without spills, which depends on Triton's version (ptxas's
 # too): these compile clean with triton 3.9 (CI's). With triton 3.6 (the GPU image's) the persistent passes spill a
 # few local-memory instructions outside causal bf16 at D = 64 (2 to 16: non-causal, fp16) and in the long forward's
-# snaking order (6). At D = 128 every configuration tried spilled: flash.py's kernels run there.
+# snaking order (6). At D = 128 every forward and dq configuration tried spilled: flash.py's kernels run those.
 CONFIGS = {
     ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
@@ -115,6 +118,11 @@ CONFIGS = {
     ("dkdv", 32): Config(block_n=64, stages=2, consumer_regs=200, producer_regs=112, causal_only=True),
     ("dkdv", 64): Config(block_n=64, stages=2, consumer_regs=200, producer_regs=112, causal_only=True,
                          masked_apart=True),
+    # D = 128, the consumers splitting the channels: fwd+bwd -22% at (4, 16, 2048) and -24% at (1, 16, 8192) against
+    # flash.py's dk/dv pass; 64-query tiles were 4% faster still but spill (22 local-memory instructions under triton
+    # 3.6 at 216/80 registers, 37 under 3.9; attention_notes.md, session 30)
+    ("dkdv", 128): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=112, causal_only=True,
+                          masked_apart=True),
 }
 # From LONG_KEYS keys on, by pass and head dim: 128-key tiles in the forward (one wait, softmax step and release per
 # 128 keys), the producer building them 32 rows at a time (its phase registers), so that each consumer gets 184.
@@ -173,6 +181,7 @@ def _softplus(x):
 # even the tiles it does not read. Measured (attention_notes.md, session 14): the forward -1% and the dq pass -3% at
 # the pretraining shape; the dk/dv pass's query ring keeps its mbarriers, since there the same change cost 5% to 12%.
 _STAGE_BARRIER = gl.constexpr(8)  # stage s releases on named barrier 8 + s
+_CONSUMERS_BARRIER = gl.constexpr(8)  # the dk/dv pass's (no key ring there)
 
 
 @gluon.jit
@@ -194,6 +203,15 @@ def _drain(n_tiles, STAGES: gl.constexpr):
     """The producer's wait for the releases of its last tiles (those it refilled no stage after)."""
     for t in range(gl.maximum(n_tiles - STAGES, 0), n_tiles):
         _acquire(t % STAGES)
+
+
+@gluon.jit
+def _consumers_barrier():
+    """Both consumer warpgroups wait for each other (named barrier _CONSUMERS_BARRIER; the dk/dv pass, whose ring has
+    mbarriers only)."""
+    barrier = gl.program_id(0) * 0 + _CONSUMERS_BARRIER  # (an asm operand must be a tensor)
+    gl.inline_asm_elementwise("mov.u32 $0, 0;\n\tbar.sync $1, 256;", "=r,r", [barrier], dtype=gl.int32, is_pure=False,
+                              pack=1)
 
 
 @gluon.jit
@@ -322,7 +340,8 @@ def _producer(ring, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.con
 
 @gluon.jit
 def _rows(X, b, h, stride_b, stride_h, stride_n, r0, n, HEAD_DIM: gl.constexpr, layout: gl.constexpr):
-    """Rows r0 .. r0+63 of head (b, h) of a (B, H, N, HEAD_DIM) tensor with unit last stride (zeros past n)."""
+    """Rows r0 .. r0+63 of head (b, h) of a (B, H, N, D) tensor with unit last stride (zeros past n): HEAD_DIM
+    channels from X's pointer (all of them, or the dk/dv pass's half)."""
     rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
     return gl.load(X + b.to(gl.int64) * stride_b + h * stride_h + gl.expand_dims(rows, 1) * stride_n
@@ -331,8 +350,8 @@ def _rows(X, b, h, stride_b, stride_h, stride_n, r0, n, HEAD_DIM: gl.constexpr, 
 
 @gluon.jit
 def _store_rows(X, b, h, stride_b, stride_h, stride_n, r0, n, value, HEAD_DIM: gl.constexpr):
-    """value (64, HEAD_DIM) into rows r0 .. r0+63 of head (b, h) of a (B, H, N, HEAD_DIM) tensor with unit last stride
-    (rows past n left alone): _rows' store."""
+    """value (64, HEAD_DIM) into rows r0 .. r0+63 of head (b, h) of a (B, H, N, D) tensor with unit last stride,
+    HEAD_DIM channels from X's pointer (rows past n left alone): _rows' store."""
     layout: gl.constexpr = value.type.layout
     rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
@@ -600,41 +619,52 @@ def _folded(x, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    HALVES: gl.constexpr):
     """The query tiles a key block sees, in order: qc, qs (from the prepass's mu_q, phases t theta computed directly,
     sm_scale log2(e) folded in: the forward's halves exactly), dO, and the queries' -lse and -D as folded rows into
-    the ring's stages, 32 rows at a time (the registers of a 64-row tile would spill)."""
+    the ring's stages, 32 rows and HEAD_DIM // HALVES channels at a time (the registers of a 64-row tile would spill);
+    each channel part into buffer stage * HALVES + part (_dkdv_kernel)."""
     (MuQ, DO, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
      qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
     dtype: gl.constexpr = DO.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
-    piece_rows = gl.arange(0, 32, layout=gl.SliceLayout(1, blocked))
+    CHANNELS: gl.constexpr = HEAD_DIM // HALVES
+    PIECE: gl.constexpr = 32 // HALVES  # rows of mu and dO at a time: as many elements a thread as at D = 64
+    piece_rows = gl.arange(0, PIECE, layout=gl.SliceLayout(1, blocked))
     folded_rows = gl.arange(0, 32, layout=gl.SliceLayout(1, _FOLD))
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
-    freqs = gl.expand_dims(gl.load(Freqs + d), 0)
+    d = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, blocked))
+    freqs = gl.expand_dims(gl.load(Freqs + d), 0)  # kept in registers if there is one part (else: spills)
     for t in range(n_tiles):
         stage = t % STAGES
         for c in gl.static_range(BLOCK_M // 32):
             r0 = lo + t * BLOCK_M + c * 32
-            rows = r0 + piece_rows
-            ok = gl.expand_dims(rows < n_q, 1)  # past the queries: zeros (and P = 0, by their lse)
-            mu = gl.load(MuQ + gl.expand_dims(bh.to(gl.int64) * n_q + rows, 1) * HEAD_DIM + gl.expand_dims(d, 0),
-                         mask=ok, other=0.0)
-            do = gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh + gl.expand_dims(rows, 1) * stride_don
-                         + gl.expand_dims(d, 0), mask=ok, other=0.0)
-            # lse and D issued, as mu and dO are, before the wait below, so that their latency passes there
-            f_rows = r0 + folded_rows
-            lse = gl.load(Lse + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=_PADDED_LSE)
-            dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=0.0)
-            # direct phases (two SFU ops per element, beside the consumers' tensor work) rather than a phase tile kept
-            # in registers: the consumers here need more registers than in the query-stationary passes
-            cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1) * freqs)
-            if c == 0:
-                mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
-            mu = mu.to(gl.float32)
-            qc_s.index(stage).slice(c * 32, 32).store((mu * (cos * qk_scale)).to(dtype))
-            qs_s.index(stage).slice(c * 32, 32).store((mu * (sin * qk_scale)).to(dtype))
-            do_s.index(stage).slice(c * 32, 32).store(do)
+            for piece in gl.static_range(32 // PIECE):
+                for part in gl.static_range(HALVES):
+                    rows = r0 + piece * PIECE + piece_rows
+                    ok = gl.expand_dims(rows < n_q, 1)  # past the queries: zeros (and P = 0, by their lse)
+                    ch = part * CHANNELS + d
+                    mu = gl.load(MuQ + gl.expand_dims(bh.to(gl.int64) * n_q + rows, 1) * HEAD_DIM
+                                 + gl.expand_dims(ch, 0), mask=ok, other=0.0)
+                    do = gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh
+                                 + gl.expand_dims(rows, 1) * stride_don + gl.expand_dims(ch, 0), mask=ok, other=0.0)
+                    if piece == 0 and part == 0:
+                        # lse and D issued, as mu and dO are, before the wait below, so that their latency passes there
+                        f_rows = r0 + folded_rows
+                        lse = gl.load(Lse + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=_PADDED_LSE)
+                        dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=0.0)
+                    # direct phases (two SFU ops per element, beside the consumers' tensor work) rather than a phase
+                    # tile kept in registers: the consumers here need more registers than in the query-stationary
+                    # passes
+                    cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1)
+                                        * (freqs if HALVES == 1 else gl.expand_dims(gl.load(Freqs + ch), 0)))
+                    if c == 0 and piece == 0 and part == 0:
+                        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
+                    mu = mu.to(gl.float32)
+                    buffer = stage * HALVES + part
+                    qc_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store((mu * (cos * qk_scale)).to(dtype))
+                    qs_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store((mu * (sin * qk_scale)).to(dtype))
+                    do_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store(do)
             lse_s.index(stage).slice(c * 32, 32).store(_folded(-lse, dtype))
             dvec_s.index(stage).slice(c * 32, 32).store(_folded(-dvec, dtype))
         fence_async_shared()
@@ -642,32 +672,44 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
 
 
 @gluon.jit
-def _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM: gl.constexpr,
+def _key_rows(K, freqs, delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, CHANNELS: gl.constexpr,
               layout: gl.constexpr):
-    """Keys k0 .. k0+63 of K (zeros past n_k) in `layout`, and cos, sin of their phases s theta + delta (fp32)."""
+    """Keys k0 .. k0+63 of K (zeros past n_k; CHANNELS channels from K's pointer) in `layout`, and cos, sin of their
+    phases s theta + delta (fp32) for the frequencies and deltas of those channels (pointers to the first)."""
     rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-    k = _rows(K, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM, layout)
-    cos, sin = _cos_sin(gl.expand_dims(rows.to(gl.float32), 1) * gl.expand_dims(gl.load(Freqs + d), 0)
-                        + gl.expand_dims(gl.load(Delta + h * HEAD_DIM + d), 0))
+    d = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, layout))
+    k = _rows(K, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, CHANNELS, layout)
+    cos, sin = _cos_sin(gl.expand_dims(rows.to(gl.float32), 1) * gl.expand_dims(gl.load(freqs + d), 0)
+                        + gl.expand_dims(gl.load(delta + d), 0))
     return k, cos, sin
 
 
 @gluon.jit
-def _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, MASKED: gl.constexpr,
-               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+def _dkdv_tile(t, dv, gc, gs, kc_own, ks_own, v_own, ones, s_init, keys, n_k, qring, MASKED: gl.constexpr,
+               CAUSAL: gl.constexpr, CHANNELS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+               HALVES: gl.constexpr, WG: gl.constexpr):
     """A dk/dv consumer's query tile t: S^T - lse, dP^T - D = V dO^T - D (-lse and -D through the products, against
-    `ones`: _folded), P^T (masked if MASKED), dV += P^T dO, dS^T = P^T (dP^T - D), gc += dS^T qc and gs += dS^T qs;
-    then the stage released."""
+    `ones`: _folded), P^T (masked if MASKED), dV += P^T dO, dS^T = P^T (dP^T - D), gc += dS^T qc and gs += dS^T qs
+    for the consumer's CHANNELS channels; then the stage released. With HALVES = 2 the head dim is in two parts
+    (_dkdv_kernel) and S^T, dP^T sum over both."""
     (_, _, _, _, _, _, _, _, _, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
-    op_layout: gl.constexpr = _operand_layout(HEAD_DIM)
+    op_layout: gl.constexpr = _operand_layout(CHANNELS)
     stage = t % STAGES
     mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-    st = warpgroup_mma(kc, qc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-    st = warpgroup_mma(ks, qs_s.index(stage).permute((1, 0)), st, is_async=True)
+    # the stationary rows' buffer of each part: this consumer's keys (one part), or the shared keys' channel halves
+    st = warpgroup_mma(kc_own.index(WG if HALVES == 1 else 0), qc_s.index(stage * HALVES).permute((1, 0)), s_init,
+                       use_acc=False, is_async=True)
+    for part in gl.static_range(1, HALVES):
+        st = warpgroup_mma(kc_own.index(part), qc_s.index(stage * HALVES + part).permute((1, 0)), st, is_async=True)
+    for part in gl.static_range(HALVES):
+        st = warpgroup_mma(ks_own.index(WG if HALVES == 1 else part),
+                           qs_s.index(stage * HALVES + part).permute((1, 0)), st, is_async=True)
     st = warpgroup_mma(ones, lse_s.index(stage).permute((1, 0)), st, is_async=True)
-    dpt = warpgroup_mma(vk, do_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    dpt = warpgroup_mma(v_own.index(WG if HALVES == 1 else 0), do_s.index(stage * HALVES).permute((1, 0)), s_init,
+                        use_acc=False, is_async=True)
+    for part in gl.static_range(1, HALVES):
+        dpt = warpgroup_mma(v_own.index(part), do_s.index(stage * HALVES + part).permute((1, 0)), dpt, is_async=True)
     dpt = warpgroup_mma(ones, dvec_s.index(stage).permute((1, 0)), dpt, is_async=True)
     st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
     cols = lo + t * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))  # the tile's queries
@@ -677,11 +719,13 @@ def _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, MASKED
         if CAUSAL:
             keep = keep & (gl.expand_dims(keys, 1) <= gl.expand_dims(q_offset + cols, 0))
         pt = gl.where(keep, pt, 0.0)
-    dst = gl.convert_layout((pt * dpt).to(vk.dtype), op_layout)
-    pt = gl.convert_layout(pt.to(vk.dtype), op_layout)
-    dv = warpgroup_mma(pt, do_s.index(stage), dv, is_async=True)
-    gc = warpgroup_mma(dst, qc_s.index(stage), gc, is_async=True)
-    gs = warpgroup_mma(dst, qs_s.index(stage), gs, is_async=True)
+    dtype: gl.constexpr = ones.dtype
+    dst = gl.convert_layout((pt * dpt).to(dtype), op_layout)
+    pt = gl.convert_layout(pt.to(dtype), op_layout)
+    own = stage * HALVES + (WG if HALVES == 2 else 0)  # this consumer's channels of the stage
+    dv = warpgroup_mma(pt, do_s.index(own), dv, is_async=True)
+    gc = warpgroup_mma(dst, qc_s.index(own), gc, is_async=True)
+    gs = warpgroup_mma(dst, qs_s.index(own), gs, is_async=True)
     dv, gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(dv, gc, gs))
     mbarrier.arrive(empty.index(stage), count=1)
     return dv, gc, gs
@@ -689,38 +733,44 @@ def _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, MASKED
 
 @gluon.jit
 def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                   STAGES: gl.constexpr, MASKED_APART: gl.constexpr, WG: gl.constexpr):
-    """Warpgroup WG's 64 keys against the streamed query tiles: P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc
-    and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc + sin gs) ln2 and d delta as flash.py's dk/dv pass."""
+                   STAGES: gl.constexpr, MASKED_APART: gl.constexpr, HALVES: gl.constexpr, WG: gl.constexpr):
+    """Warpgroup WG's block of 64 keys by HEAD_DIM // HALVES channels (_dkdv_kernel) against the streamed query tiles:
+    P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc +
+    sin gs) ln2 and d delta as flash.py's dk/dv pass."""
     (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_vb, stride_vh,
      stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own, ks_own, v_own, ones_own) = krows
     _, _, _, _, Freqs, b, h, _, _, q_offset, _, _, _, _, lo, n_tiles, _, _, _, _, _, ready, empty = qring
     dtype: gl.constexpr = DV.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
+    CHANNELS: gl.constexpr = HEAD_DIM // HALVES
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
-    o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
+    o_mma: gl.constexpr = _wgmma_layout(CHANNELS)
 
     # this warpgroup's keys and values, stationary: kc, ks (built as flash.py's _polar does, from the backward
-    # pre-pass's magnitudes mu_k: no softplus here) and V in shared memory
-    k0 = start_n + 64 * WG
-    mu, cos, sin = _key_rows(MuK, Freqs, Delta, b, h, stride_mb, stride_mh, HEAD_DIM, k0, n_k, HEAD_DIM, blocked)
+    # pre-pass's magnitudes mu_k: no softplus here) and V in shared memory; with two halves, its channels of the keys
+    # both consumers share
+    k0 = start_n + (64 * WG if HALVES == 1 else 0)
+    c0 = 0 if HALVES == 1 else CHANNELS * WG
+    freqs = Freqs + c0
+    delta = Delta + h * HEAD_DIM + c0
+    mu, cos, sin = _key_rows(MuK + c0, freqs, delta, b, h, stride_mb, stride_mh, HEAD_DIM, k0, n_k, CHANNELS, blocked)
     mu = mu.to(gl.float32)
-    kc = kc_own.index(WG)
-    ks = ks_own.index(WG)
-    vk = v_own.index(WG)
-    kc.store((mu * cos).to(dtype))
-    ks.store((mu * sin).to(dtype))
-    vk.store(_rows(V, b, h, stride_vb, stride_vh, stride_vn, k0, n_k, HEAD_DIM, blocked))
+    kc_own.index(WG).store((mu * cos).to(dtype))
+    ks_own.index(WG).store((mu * sin).to(dtype))
+    v_own.index(WG).store(_rows(V + c0, b, h, stride_vb, stride_vh, stride_vn, k0, n_k, CHANNELS, blocked))
     ones = ones_own.index(WG)  # the key side of the folded rows: ones in columns 0 and 1
     col = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, _FOLD)), 0)
     ones.store((gl.zeros([64, 16], gl.float32, _FOLD) + gl.where(col < 2, 1.0, 0.0)).to(dtype))
     fence_async_shared()
-    _barrier()
+    if HALVES == 1:
+        _barrier()
+    else:  # each consumer's products read the other's half too
+        _consumers_barrier()
 
     keys = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
-    dv = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
-    gc = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
-    gs = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
+    dv = gl.zeros([64, CHANNELS], gl.float32, o_mma)
+    gc = gl.zeros([64, CHANNELS], gl.float32, o_mma)
+    gs = gl.zeros([64, CHANNELS], gl.float32, o_mma)
     s_init = gl.zeros([64, BLOCK_M], gl.float32, s_mma)
     # The tiles before `first` are all before these keys (causal): released unread. Those from `first` to `unmasked`
     # hold the diagonal and need the mask, as every tile does if the block has padded keys (there P = exp2(0 - lse)
@@ -738,27 +788,27 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
         mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
         mbarrier.arrive(empty.index(t % STAGES), count=1)
     for t in range(first, unmasked):
-        dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, True, CAUSAL, HEAD_DIM,
-                                BLOCK_M, STAGES)
+        dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc_own, ks_own, v_own, ones, s_init, keys, n_k, qring, True, CAUSAL,
+                                CHANNELS, BLOCK_M, STAGES, HALVES, WG)
     for t in range(unmasked, n_tiles):
-        dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, False, CAUSAL, HEAD_DIM,
-                                BLOCK_M, STAGES)
+        dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc_own, ks_own, v_own, ones, s_init, keys, n_k, qring, False, CAUSAL,
+                                CHANNELS, BLOCK_M, STAGES, HALVES, WG)
 
     # gc, gs carry the queries' sm_scale log2(e); ln2 leaves sm_scale (flash.py's _polar_grad)
-    k, cos, sin = _key_rows(K, Freqs, Delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, HEAD_DIM, o_mma)
+    k, cos, sin = _key_rows(K + c0, freqs, delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, CHANNELS, o_mma)
     x = k.to(gl.float32)
     gc = gc * _LN2
     gs = gs * _LN2
     dk = (cos * gc + sin * gs) / (1.0 + gl.exp2(-x * _LOG2E))
     o_keys = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_mma))
-    o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+    o_d = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, o_mma))
     key_ok = gl.expand_dims(o_keys < n_k, 1)
     # softplus(k) in fp32 here, not mu_k (rounded to the input dtype): d delta's error against float64 grew up to 1.5x
     # with mu_k (benchmarks/attention_notes.md, session 14)
     ddelta = gl.where(key_ok, _softplus(x) * (gs * cos - gc * sin), 0.0)
-    gl.atomic_add(DDelta + h * HEAD_DIM + o_d, gl.sum(ddelta, 0), sem="relaxed")
-    _store_rows(DK, b, h, stride_gb, stride_gh, stride_gn, k0, n_k, dk.to(dtype), HEAD_DIM)
-    _store_rows(DV, b, h, stride_gb, stride_gh, stride_gn, k0, n_k, dv.to(dtype), HEAD_DIM)
+    gl.atomic_add(DDelta + h * HEAD_DIM + c0 + o_d, gl.sum(ddelta, 0), sem="relaxed")
+    _store_rows(DK + c0, b, h, stride_gb, stride_gh, stride_gn, k0, n_k, dk.to(dtype), CHANNELS)
+    _store_rows(DV + c0, b, h, stride_gb, stride_gh, stride_gn, k0, n_k, dv.to(dtype), CHANNELS)
 
 
 @gluon.jit
@@ -766,25 +816,32 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                  stride_gb, stride_gh, stride_gn, n_heads, n_q, n_k, q_offset, qk_scale,
                  CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 MASKED_APART: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                 MASKED_APART: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                 PRODUCER_REGS: gl.constexpr):
+    # HALVES = 1: each consumer owns 64 keys at every channel (128 keys a program). HALVES = 2 (D = 128, where dv, gc
+    # and gs of 64 keys at every channel would take 192 registers a thread): both consumers take the same 64 keys,
+    # each owning half the channels of dv, gc and gs; each computes the whole S^T and dP^T (summed over both halves,
+    # whose buffers are stage * HALVES + part), so the scores' products are issued twice (dkdv_keys_per_program).
     dtype: gl.constexpr = V.dtype.element_ty
+    CHANNELS: gl.constexpr = HEAD_DIM // HALVES
     bh = gl.program_id(1)
-    start_n = gl.program_id(0) * 128  # causal: the first key blocks are seen by the most queries, launched first
+    # causal: the first key blocks are seen by the most queries, launched first
+    start_n = gl.program_id(0) * (128 // HALVES)
     # query tiles that see keys start_n ..: from the one holding position start_n (causal) to the end
     lo = gl.maximum(start_n - q_offset, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
     n_tiles = gl.cdiv(gl.maximum(n_q - lo, 0), BLOCK_M)
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
-    qc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
-    qs_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
-    do_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, CHANNELS], dtype)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, CHANNELS], dtype)
+    qc_s = gl.allocate_shared_memory(dtype, [STAGES * HALVES, BLOCK_M, CHANNELS], q_layout)
+    qs_s = gl.allocate_shared_memory(dtype, [STAGES * HALVES, BLOCK_M, CHANNELS], q_layout)
+    do_s = gl.allocate_shared_memory(dtype, [STAGES * HALVES, BLOCK_M, CHANNELS], q_layout)
     folded_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 16], dtype)
     lse_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, 16], folded_layout)
     dvec_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, 16], folded_layout)
     ones_own = gl.allocate_shared_memory(dtype, [2, 64, 16], gl.NVMMASharedLayout.get_default_for([64, 16], dtype))
-    kc_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
-    ks_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
-    v_own = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_layout)
+    kc_own = gl.allocate_shared_memory(dtype, [2, 64, CHANNELS], k_layout)  # by consumer: its keys or channels
+    ks_own = gl.allocate_shared_memory(dtype, [2, 64, CHANNELS], k_layout)
+    v_own = gl.allocate_shared_memory(dtype, [2, 64, CHANNELS], k_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -796,9 +853,9 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     krows = (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, n_heads * n_k * HEAD_DIM,
              n_k * HEAD_DIM, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own,
              ks_own, v_own, ones_own)
-    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, MASKED_APART, 0)),
-                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, MASKED_APART, 1)),
-                        (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES))],
+    gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, MASKED_APART, HALVES, 0)),
+                        (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, MASKED_APART, HALVES, 1)),
+                        (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES, HALVES))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -816,12 +873,18 @@ def launch_options(kernel: str, head_dim: int, n_k: int, fp16: bool = False) -> 
     """A kernel's constexprs and launch options for a head dim in CONFIGS, n_k keys and fp16 or bf16 inputs."""
     c = config(kernel, head_dim, n_k)
     if kernel == "dkdv":  # streams query tiles
-        streamed = {"BLOCK_M": c.block_n, "MASKED_APART": c.masked_apart}
+        streamed = {"BLOCK_M": c.block_n, "MASKED_APART": c.masked_apart,
+                    "HALVES": 128 // dkdv_keys_per_program(head_dim)}
     else:  # streams key tiles
         streamed = {"BLOCK_N": c.block_n, "BUILD_ROWS": c.build_rows or c.block_n}
     consumer_regs, producer_regs = (c.fp16_regs if fp16 and c.fp16_regs else (c.consumer_regs, c.producer_regs))
     return {"HEAD_DIM": head_dim, **streamed, "STAGES": c.stages,
             "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "num_warps": 4, "maxnreg": _MAXNREG}
+
+
+def dkdv_keys_per_program(head_dim: int) -> int:
+    """Keys per dk/dv program: 64 per consumer, or at D > 64 64 shared by both (_dkdv_kernel's HALVES)."""
+    return 64 if head_dim > 64 else 128
 
 
 def _schedule(kernel: str, q: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int], bool]:
@@ -877,7 +940,7 @@ def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.
     contiguous from the prepasses, k, v, dout with unit last stride, lse and dvec (B, H, Nq); writes dk, dv (B, H, Nk,
     D; unit last stride, the same strides) and adds d delta to ddelta (H, D) fp32, which must start at zero."""
     batch, heads, n_k, head_dim = k.shape
-    _dkdv_kernel[(triton.cdiv(n_k, 128), batch * heads)](
+    _dkdv_kernel[(triton.cdiv(n_k, dkdv_keys_per_program(head_dim)), batch * heads)](
         mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *k.stride()[:3], *v.stride()[:3],
         *dout.stride()[:3], *dk.stride()[:3], heads, mu_q.shape[2], n_k, q_offset, qk_scale, CAUSAL=causal,
         **launch_options("dkdv", head_dim, n_k, k.dtype == torch.float16))
