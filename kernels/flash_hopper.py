@@ -11,7 +11,8 @@ it). The backward passes build their stationary rows from the pre-passes' magnit
 
     forward   keys streamed: the producer builds kc = mu_k cos, ks = mu_k sin and stages V; each consumer holds 64
               queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
-    dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq.
+    dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq. At
+              D = 128 both consumers hold the same 64 queries, each with half the channels of gc and gs (_dq_rows).
     dk/dv     queries streamed: the producer builds qc, qs (phases computed directly), stages dO, and -lse, -D as
               folded rows (_folded); each consumer holds 64 keys: S^T - lse and dP^T - D (both from the tensor
               cores), dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta. At D = 128, where dV, gc
@@ -19,7 +20,7 @@ it). The backward passes build their stationary rows from the pre-passes' magnit
               accumulates half the channels; each computes the whole S^T and dP^T (_dkdv_kernel).
 
 The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows
-(64 in the dk/dv pass at D = 128).
+(64 in the backward passes at D = 128).
 The forward and the dq pass are persistent: one program per SM loops over blocks of 128 query rows, and its ring
 runs on from one block to the next, so the next block's first tiles are built while the consumers finish the last.
 Which blocks each program takes (_work) balances the causal lengths and, where all heads' keys outgrow L2, keeps few
@@ -57,7 +58,9 @@ _INV_TWO_PI = gl.constexpr(1 / (2 * math.pi))
 _LN2 = gl.constexpr(math.log(2))
 _LOG2E = gl.constexpr(math.log2(math.e))
 
-BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64 (one wgmma M each)
+# query rows per work item (forward, dq pass): two consumer warpgroups of 64 (one wgmma M each); half that where the
+# consumers split the channels (channel_parts)
+BLOCK_M = 128
 
 
 # Register layouts. Tiles of 64 rows move through registers in _BLOCKED (8 contiguous elements, 16 bytes, per thread
@@ -102,7 +105,7 @@ class Config:
 # tests/test_flash_hopper.py checks that each compiles without spills, which depends on Triton's version (ptxas's
 # too): these compile clean with triton 3.9 (CI's). With triton 3.6 (the GPU image's) the persistent passes spill a
 # few local-memory instructions outside causal bf16 at D = 64 (2 to 16: non-causal, fp16) and in the long forward's
-# snaking order (6). At D = 128 every forward and dq configuration tried spilled: flash.py's kernels run those.
+# snaking order (6). At D = 128 every forward configuration tried spilled: flash.py's kernel runs it.
 CONFIGS = {
     ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
@@ -110,6 +113,11 @@ CONFIGS = {
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
                        fp16_regs=(168, 168)),
+    # D = 128, the consumers splitting the channels (_dq_rows): fwd+bwd -7% at (4, 16, 2048) and -2% at (1, 16, 8192)
+    # against flash.py's dq pass. Spill-free under triton 3.9; under 3.6 it spills 52-88 local-memory instructions at
+    # every split tried (attention_notes.md, session 30).
+    ("dq", 128): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True, build_rows=16,
+                        fp16_regs=(160, 184)),
     # 64-query tiles, which the folded rows (_folded) make fit: the pass -2% at the pretraining shape to -6% at
     # (1, 12, 10240) at D = 64 against 32-query tiles with lse and D staged in the ring and loaded by the consumers,
     # fwd+bwd -4% and -7% at D = 32 against 32-query tiles whose consumers loaded them from global memory (folded at
@@ -181,7 +189,7 @@ def _softplus(x):
 # even the tiles it does not read. Measured (attention_notes.md, session 14): the forward -1% and the dq pass -3% at
 # the pretraining shape; the dk/dv pass's query ring keeps its mbarriers, since there the same change cost 5% to 12%.
 _STAGE_BARRIER = gl.constexpr(8)  # stage s releases on named barrier 8 + s
-_CONSUMERS_BARRIER = gl.constexpr(8)  # the dk/dv pass's (no key ring there)
+_CONSUMERS_BARRIER = gl.constexpr(12)  # the consumers of the D = 128 backward passes meet here
 
 
 @gluon.jit
@@ -245,8 +253,8 @@ def _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_cou
 
 @gluon.jit
 def _units(ring, PAIRED: gl.constexpr):
-    """How many units of work there are: blocks of 128 query rows of every batch and head, or if paired, pairs of
-    them (_work)."""
+    """How many units of work there are: blocks of query rows (_work) of every batch and head, or if paired, pairs of
+    them."""
     return ring[5] * (gl.cdiv(ring[6], 2) if PAIRED else ring[6])
 
 
@@ -257,8 +265,10 @@ def _rounds(ring, PAIRED: gl.constexpr):
 
 
 @gluon.jit
-def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, PAIRED: gl.constexpr):
+def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, PAIRED: gl.constexpr, HALVES: gl.constexpr):
     """Round r's work item of this program: whether there is one, its first query row, batch and head, and key tiles.
+    An item is a block of 128 query rows, or of 64 where the dq pass's consumers split the channels (HALVES = 2:
+    _dq_rows).
 
     Each program (one per SM, or one per unit of work) takes items in one of two orders, both evening out the long
     and short items of causal attention between programs:
@@ -281,14 +291,14 @@ def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, PAIRED: gl.const
         m = n_blocks - 1 - w // bh_count if CAUSAL else w // bh_count
         valid = w < units
         bh = w % bh_count
-    start_m = m * 128
-    n_tiles = gl.cdiv(gl.minimum(q_offset + start_m + 128, n_k) if CAUSAL else n_k, BLOCK_N)
+    start_m = m * (128 // HALVES)
+    n_tiles = gl.cdiv(gl.minimum(q_offset + start_m + 128 // HALVES, n_k) if CAUSAL else n_k, BLOCK_N)
     return valid, start_m, bh // n_heads, bh % n_heads, bh, n_tiles
 
 
 @gluon.jit
 def _producer(ring, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr):
+              STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr):
     """The key tiles of the program's work items in order: kc, ks and V into the ring's stages, BUILD_ROWS rows at a
     time. The ring runs on across items: the next item's first tiles are built while the consumers finish the last
     one's (their epilogue and the next prologue)."""
@@ -300,7 +310,7 @@ def _producer(ring, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.con
     rounds = _rounds(ring, PAIRED)
     done = 0  # tiles of the earlier items: the ring's position
     for r in range(rounds):
-        valid, _, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED)
+        valid, _, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED, HALVES)
         if valid:
             # key phases s theta + delta of the first rows, advanced BUILD_ROWS rows at a time by angle addition (as
             # flash.py); the frequencies reloaded for each item rather than held in registers between items
@@ -413,16 +423,17 @@ def _scores(qc, qs, kc_s, ks_s, stage, s_init):
 
 @gluon.jit
 def _consumer(ring, rows, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, WG: gl.constexpr, DQ: gl.constexpr):
+              STAGES: gl.constexpr, WG: gl.constexpr, DQ: gl.constexpr, HALVES: gl.constexpr):
     """Warpgroup WG's 64 query rows of each of the program's work items: the dq pass's (_dq_rows) if DQ, else the
     forward's (_fwd_rows). (Gluon's partitions take no function as an argument.)"""
     rounds = _rounds(ring, PAIRED)
     done = 0  # tiles of the earlier items: the ring's position
     for r in range(rounds):
-        valid, start_m, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED)
+        valid, start_m, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED, HALVES)
         if valid:
             if DQ:
-                _dq_rows(ring, rows, done, start_m + 64 * WG, b, h, bh, n_tiles, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, WG)
+                _dq_rows(ring, rows, done, start_m + (64 * WG if HALVES == 1 else 0), b, h, bh, n_tiles, CAUSAL,
+                         HEAD_DIM, BLOCK_N, STAGES, HALVES, WG)
             else:
                 _fwd_rows(ring, rows, done, start_m + 64 * WG, b, h, bh, n_tiles, CAUSAL, HEAD_DIM, BLOCK_N, STAGES, WG)
             done += n_tiles
@@ -497,9 +508,9 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
     qs_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
     rows = (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n_q, qk_scale, qc_s, qs_s)
     # Gluon hands constexprs to a partition only as direct elements of its argument tuple
-    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0, False)),
-                        (_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1, False)),
-                        (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
+    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0, False, 1)),
+                        (_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1, False, 1)),
+                        (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, 1))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -509,43 +520,62 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
 
 @gluon.jit
 def _dq_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HALVES: gl.constexpr, WG: gl.constexpr):
     """Query rows r0 .. r0+63 of head (b, h) against the item's key tiles, the ring's tiles done .. done+n_tiles-1:
     D = rowsum(dO O) (written for the dk/dv pass, which runs next), then P and dS recomputed tile by tile, gc = dS kc
     and gs = dS ks accumulated, and dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs) sm_scale (flash.py's
-    _polar_grad); writes D and dq."""
+    _polar_grad); writes D and dq. With HALVES = 2 both consumers take these rows (their qc, qs and dO staged once,
+    in shared buffers), each for half the channels of gc, gs and dq."""
     (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, stride_mb, stride_mh, stride_ob, stride_oh,
      stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn, n_q, qk_scale, sm_scale, qc_s,
      qs_s, do_s) = rows
     Freqs, n_k, q_offset, kc_s, ks_s, v_s, ready = ring[2], ring[7], ring[8], ring[12], ring[13], ring[14], ring[15]
     dtype: gl.constexpr = DQ.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
+    CHANNELS: gl.constexpr = HEAD_DIM // HALVES
+    c0 = 0 if HALVES == 1 else CHANNELS * WG  # this consumer's channels of gc, gs and dq
     s_mma: gl.constexpr = _wgmma_layout(BLOCK_N)
-    o_mma: gl.constexpr = _wgmma_layout(HEAD_DIM)
-    ds_layout: gl.constexpr = _operand_layout(HEAD_DIM)
+    o_mma: gl.constexpr = _wgmma_layout(CHANNELS)
+    ds_layout: gl.constexpr = _operand_layout(CHANNELS)
 
-    qc = qc_s.index(WG)
-    qs = qs_s.index(WG)
-    do = do_s.index(WG)  # (the last item's products, which read these, were waited for)
-    # from the backward pre-pass's magnitudes (the values the forward rounded): no softplus here
-    _stage_query_halves(MuQ, b, h, stride_mb, stride_mh, HEAD_DIM, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
-                        False)
-    do_rows = _rows(DO, b, h, stride_dob, stride_doh, stride_don, r0, n_q, HEAD_DIM, blocked)
-    do.store(do_rows)
-    fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
-    out = _rows(Out, b, h, stride_ob, stride_oh, stride_on, r0, n_q, HEAD_DIM, blocked)
-    dvec = gl.sum(do_rows.to(gl.float32) * out.to(gl.float32), 1)  # zero past n_q
+    qc = qc_s.index(WG if HALVES == 1 else 0)
+    qs = qs_s.index(WG if HALVES == 1 else 0)
+    do = do_s.index(WG if HALVES == 1 else 0)  # (this consumer's last products, which read these, were waited for)
+    if HALVES == 2:
+        _consumers_barrier()  # and so were the other's, before the buffers they share are refilled
+    # qc, qs (the first consumer's, if shared) and dO (the second's) staged, and D = rowsum(dO O) summed, CHANNELS
+    # channels at a time
+    for part in gl.static_range(HALVES):
+        if WG == 0 or HALVES == 1:
+            # from the backward pre-pass's magnitudes (the values the forward rounded): no softplus here
+            _stage_query_halves(MuQ + part * CHANNELS, b, h, stride_mb, stride_mh, HEAD_DIM, r0, n_q, q_offset,
+                                Freqs + part * CHANNELS, qk_scale, _channels(qc, part, HALVES),
+                                _channels(qs, part, HALVES), CHANNELS, False)
+        do_rows = _rows(DO + part * CHANNELS, b, h, stride_dob, stride_doh, stride_don, r0, n_q, CHANNELS, blocked)
+        if WG == 1 or HALVES == 1:
+            _channels(do, part, HALVES).store(do_rows)
+        if part == HALVES - 1:
+            fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
+        out = _rows(Out + part * CHANNELS, b, h, stride_ob, stride_oh, stride_on, r0, n_q, CHANNELS, blocked)
+        if part == 0:
+            dvec = gl.sum(do_rows.to(gl.float32) * out.to(gl.float32), 1)  # zero past n_q
+        else:
+            dvec += gl.sum(do_rows.to(gl.float32) * out.to(gl.float32), 1)
     d_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, blocked))
-    gl.store(Dvec + bh.to(gl.int64) * n_q + d_rows, dvec, mask=d_rows < n_q)
+    if WG == 0 or HALVES == 1:
+        gl.store(Dvec + bh.to(gl.int64) * n_q + d_rows, dvec, mask=d_rows < n_q)
     dvec = gl.convert_layout(dvec, gl.SliceLayout(1, s_mma))
-    _barrier()
+    if HALVES == 1:
+        _barrier()
+    else:
+        _consumers_barrier()
     s_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
     lse = gl.load(Lse + bh.to(gl.int64) * n_q + s_rows, mask=s_rows < n_q, other=float("inf"))  # padded rows: P = 0
 
     my_tiles, full = _key_range(r0, n_k, q_offset, CAUSAL, BLOCK_N)
     q_pos = q_offset + s_rows
-    gc = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
-    gs = gl.zeros([64, HEAD_DIM], gl.float32, o_mma)
+    gc = gl.zeros([64, CHANNELS], gl.float32, o_mma)
+    gs = gl.zeros([64, CHANNELS], gl.float32, o_mma)
     s_init = gl.zeros([64, BLOCK_N], gl.float32, s_mma)
     for t in range(my_tiles):
         stage = (done + t) % STAGES
@@ -557,16 +587,26 @@ def _dq_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEAD
         if t * BLOCK_N >= full:
             p = gl.where(_keep(t, n_k, q_pos, CAUSAL, BLOCK_N, s_mma), p, 0.0)
         ds = gl.convert_layout((p * (dp - gl.expand_dims(dvec, 1))).to(dtype), ds_layout)
-        gc = warpgroup_mma(ds, kc_s.index(stage), gc, is_async=True)
-        gs = warpgroup_mma(ds, ks_s.index(stage), gs, is_async=True)
+        gc = warpgroup_mma(ds, _channels(kc_s.index(stage), WG, HALVES), gc, is_async=True)
+        gs = warpgroup_mma(ds, _channels(ks_s.index(stage), WG, HALVES), gs, is_async=True)
         gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(gc, gs))  # dS's registers: as P V in the forward
         _release(stage)
     _release_unread(ready, done + my_tiles, done + n_tiles, STAGES)
 
-    q, cos, sin = _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, HEAD_DIM, o_mma)
+    q, cos, sin = _query_rows(Q + c0, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs + c0, CHANNELS,
+                              o_mma)
     x = q.to(gl.float32)
     dq = (cos * gc + sin * gs) * sm_scale / (1.0 + gl.exp2(-x * _LOG2E))  # sigmoid(q) (...)
-    _store_rows(DQ, b, h, stride_gb, stride_gh, stride_gn, r0, n_q, dq.to(dtype), HEAD_DIM)
+    _store_rows(DQ + c0, b, h, stride_gb, stride_gh, stride_gn, r0, n_q, dq.to(dtype), CHANNELS)
+
+
+@gluon.jit
+def _channels(tile, part, HALVES: gl.constexpr):
+    """Channel part `part` of HALVES of a shared-memory tile (rows, channels): a view of its columns."""
+    if HALVES == 1:
+        return tile
+    else:
+        return tile.slice(part * (tile.shape[1] // HALVES), tile.shape[1] // HALVES, dim=1)
 
 
 @gluon.jit
@@ -575,22 +615,25 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
                stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
                n_heads, bh_count, n_q, n_k, q_offset, sm_scale, qk_scale,
                CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-               STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+               STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                PRODUCER_REGS: gl.constexpr):
-    ring = _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, gl.cdiv(n_q, 128), n_k,
-                 q_offset, HEAD_DIM, BLOCK_N, STAGES)
+    # HALVES = 1: each consumer owns 64 query rows at every channel (128 rows an item). HALVES = 2 (D = 128, where gc
+    # and gs of 64 rows at every channel would take 128 registers a thread): both consumers take the same 64 rows,
+    # each owning half the channels of gc and gs; each computes the whole S and dP (_dq_rows).
+    ring = _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count,
+                 gl.cdiv(n_q, 128 // HALVES), n_k, q_offset, HEAD_DIM, BLOCK_N, STAGES)
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
-    qc_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
-    qs_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
-    do_s = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
+    qc_s = gl.allocate_shared_memory(dtype, [2 // HALVES, 64, HEAD_DIM], q_layout)  # by consumer, or shared
+    qs_s = gl.allocate_shared_memory(dtype, [2 // HALVES, 64, HEAD_DIM], q_layout)
+    do_s = gl.allocate_shared_memory(dtype, [2 // HALVES, 64, HEAD_DIM], q_layout)
     # mu_q is contiguous
     rows = (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
             stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
             n_q, qk_scale, sm_scale, qc_s, qs_s, do_s)
-    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0, True)),
-                        (_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1, True)),
-                        (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS))],
+    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0, True, HALVES)),
+                        (_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1, True, HALVES)),
+                        (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, HALVES))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -821,7 +864,7 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     # HALVES = 1: each consumer owns 64 keys at every channel (128 keys a program). HALVES = 2 (D = 128, where dv, gc
     # and gs of 64 keys at every channel would take 192 registers a thread): both consumers take the same 64 keys,
     # each owning half the channels of dv, gc and gs; each computes the whole S^T and dP^T (summed over both halves,
-    # whose buffers are stage * HALVES + part), so the scores' products are issued twice (dkdv_keys_per_program).
+    # whose buffers are stage * HALVES + part), so the scores' products are issued twice (channel_parts).
     dtype: gl.constexpr = V.dtype.element_ty
     CHANNELS: gl.constexpr = HEAD_DIM // HALVES
     bh = gl.program_id(1)
@@ -873,18 +916,21 @@ def launch_options(kernel: str, head_dim: int, n_k: int, fp16: bool = False) -> 
     """A kernel's constexprs and launch options for a head dim in CONFIGS, n_k keys and fp16 or bf16 inputs."""
     c = config(kernel, head_dim, n_k)
     if kernel == "dkdv":  # streams query tiles
-        streamed = {"BLOCK_M": c.block_n, "MASKED_APART": c.masked_apart,
-                    "HALVES": 128 // dkdv_keys_per_program(head_dim)}
+        streamed = {"BLOCK_M": c.block_n, "MASKED_APART": c.masked_apart, "HALVES": channel_parts(kernel, head_dim)}
     else:  # streams key tiles
         streamed = {"BLOCK_N": c.block_n, "BUILD_ROWS": c.build_rows or c.block_n}
+        if kernel == "dq":
+            streamed["HALVES"] = channel_parts(kernel, head_dim)
     consumer_regs, producer_regs = (c.fp16_regs if fp16 and c.fp16_regs else (c.consumer_regs, c.producer_regs))
     return {"HEAD_DIM": head_dim, **streamed, "STAGES": c.stages,
             "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "num_warps": 4, "maxnreg": _MAXNREG}
 
 
-def dkdv_keys_per_program(head_dim: int) -> int:
-    """Keys per dk/dv program: 64 per consumer, or at D > 64 64 shared by both (_dkdv_kernel's HALVES)."""
-    return 64 if head_dim > 64 else 128
+def channel_parts(kernel: str, head_dim: int) -> int:
+    """Into how many parts the consumers of `kernel` split the channels: 2 in the backward passes at D = 128, where
+    both consumers then take the same 64 rows (dq pass) or keys (dk/dv), each half the channels (HALVES in _dq_kernel,
+    _dkdv_kernel); else 1, each consumer its own 64 at every channel."""
+    return 2 if kernel != "fwd" and head_dim > 64 else 1
 
 
 def _schedule(kernel: str, q: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int], bool]:
@@ -892,7 +938,7 @@ def _schedule(kernel: str, q: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int]
     L2 (KEYS_IN_L2 of it), one program per SM (only one fits, by its registers) if the configuration is persistent and
     there are more units of work, else one per unit."""
     batch, heads, n_q, head_dim = q.shape
-    blocks = triton.cdiv(n_q, BLOCK_M)
+    blocks = triton.cdiv(n_q, BLOCK_M // channel_parts(kernel, head_dim))
     properties = _properties(q.device.index)
     paired = bool(2 * v.numel() * v.element_size() > KEYS_IN_L2 * properties.L2_cache_size)
     units = batch * heads * (triton.cdiv(blocks, 2) if paired else blocks)
@@ -940,7 +986,7 @@ def dkdv_pass(mu_q: torch.Tensor, mu_k: torch.Tensor, k: torch.Tensor, v: torch.
     contiguous from the prepasses, k, v, dout with unit last stride, lse and dvec (B, H, Nq); writes dk, dv (B, H, Nk,
     D; unit last stride, the same strides) and adds d delta to ddelta (H, D) fp32, which must start at zero."""
     batch, heads, n_k, head_dim = k.shape
-    _dkdv_kernel[(triton.cdiv(n_k, dkdv_keys_per_program(head_dim)), batch * heads)](
+    _dkdv_kernel[(triton.cdiv(n_k, 128 // channel_parts("dkdv", head_dim)), batch * heads)](
         mu_q, mu_k, k, v, freqs, delta, dout, lse, dvec, dk, dv, ddelta, *k.stride()[:3], *v.stride()[:3],
         *dout.stride()[:3], *dk.stride()[:3], heads, mu_q.shape[2], n_k, q_offset, qk_scale, CAUSAL=causal,
         **launch_options("dkdv", head_dim, n_k, k.dtype == torch.float16))
