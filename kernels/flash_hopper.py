@@ -215,8 +215,8 @@ def _drain(n_tiles, STAGES: gl.constexpr):
 
 @gluon.jit
 def _consumers_barrier():
-    """Both consumer warpgroups wait for each other (named barrier _CONSUMERS_BARRIER; the dk/dv pass, whose ring has
-    mbarriers only)."""
+    """Both consumer warpgroups wait for each other, on named barrier _CONSUMERS_BARRIER (clear of Triton's own 0 to 3
+    and of the key ring's _STAGE_BARRIER + stage)."""
     barrier = gl.program_id(0) * 0 + _CONSUMERS_BARRIER  # (an asm operand must be a tensor)
     gl.inline_asm_elementwise("mov.u32 $0, 0;\n\tbar.sync $1, 256;", "=r,r", [barrier], dtype=gl.int32, is_pure=False,
                               pack=1)
@@ -351,7 +351,7 @@ def _producer(ring, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.con
 @gluon.jit
 def _rows(X, b, h, stride_b, stride_h, stride_n, r0, n, HEAD_DIM: gl.constexpr, layout: gl.constexpr):
     """Rows r0 .. r0+63 of head (b, h) of a (B, H, N, D) tensor with unit last stride (zeros past n): HEAD_DIM
-    channels from X's pointer (all of them, or the dk/dv pass's half)."""
+    channels from X's pointer (all of them, or a channel part: channel_parts)."""
     rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
     return gl.load(X + b.to(gl.int64) * stride_b + h * stride_h + gl.expand_dims(rows, 1) * stride_n
