@@ -194,8 +194,8 @@ def main() -> None:
         variants[path.stem] = load_revision(path)
     if args.checks:  # this checkout's kernels, in both orders of work; the revisions are timed only
         checked = {name: variants[name] for name in ("triton", "gluon")} | {"paired": paired_order()}
-        cases, packed_cases = ([case for case in cases if args.head_dim in (None, case[0])]
-                               for cases in (CASES, PACKED_CASES))
+        cases, packed_cases = ([case for case in group if args.head_dim in (None, case[0])]
+                               for group in (CASES, PACKED_CASES))
         if args.long_only:
             check([case for case in cases if case[4] >= flash.flash_hopper.LONG_KEYS], checked)  # case[4]: Nk
         elif args.packed_only:
