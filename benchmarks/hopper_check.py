@@ -60,7 +60,7 @@ CASES = [
 # Nq < Nk, non-causal fp16
 CASES += [(64, 1, 2, 4100, 4100, 0, True, torch.bfloat16, 1.0), (64, 1, 2, 300, 5000, 4700, True, torch.bfloat16, 1.0),
           (64, 1, 2, 500, 4500, 0, False, torch.float16, 1.0)]
-# D = 128, where only the dk/dv pass is Gluon's (its consumers split the channels: flash_hopper._dkdv_kernel)
+# D = 128, where the backward passes are Gluon's and the forward Triton's (flash_hopper.channel_parts)
 CASES += [(128, *case) for case in [(2, 3, 1000, 1000, 0, True, torch.bfloat16, 1.0),
                                     (1, 2, 777, 777, 0, True, torch.float16, 1.0),
                                     (1, 2, 300, 1200, 900, True, torch.bfloat16, 1.0),
