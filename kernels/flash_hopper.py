@@ -105,11 +105,14 @@ class Config:
 # tests/test_flash_hopper.py checks that each compiles without spills, which depends on Triton's version (ptxas's
 # too): these compile clean with triton 3.9 (CI's). With triton 3.6 (the GPU image's) the persistent passes spill a
 # few local-memory instructions outside causal bf16 at D = 64 (2 to 16: non-causal, fp16) and in the long forward's
-# snaking order (6). At D = 128 every forward configuration tried spilled: flash.py's kernel runs it.
+# snaking order (6), and the D = 128 forward for non-causal fp16 (33).
 CONFIGS = {
     ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
                         fp16_regs=(168, 168)),
+    # D = 128: forward -30% at (4, 16, 2048) and -31% at (1, 16, 8192) against flash.py's, fwd+bwd -6%; at 192/128
+    # registers the forward took 9% longer (attention_notes.md, session 31)
+    ("fwd", 128): Config(block_n=64, stages=2, consumer_regs=184, producer_regs=144, persistent=True, build_rows=16),
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
                        fp16_regs=(168, 168)),
@@ -457,9 +460,16 @@ def _fwd_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEA
 
     qc = qc_s.index(WG)
     qs = qs_s.index(WG)
-    # (the last item's products, which read these, were waited for)
-    _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
-                        True)
+    # (the last item's products, which read these, were waited for) built 64 channels at a time with a warpgroup
+    # barrier between the parts. At D = 128 whole rows spilled (4 local-memory instructions under triton 3.9, 41 under
+    # 3.6), and so did the parts without the barrier (14 under 3.9); with it, none.
+    PARTS: gl.constexpr = 2 if HEAD_DIM > 64 else 1
+    for part in gl.static_range(PARTS):
+        if part > 0:
+            _barrier()
+        _stage_query_halves(Q + part * (HEAD_DIM // PARTS), b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset,
+                            Freqs + part * (HEAD_DIM // PARTS), qk_scale, _channels(qc, part, PARTS),
+                            _channels(qs, part, PARTS), HEAD_DIM // PARTS, True)
     fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
     _barrier()
 
