@@ -10,10 +10,11 @@ this script is its numerical test on an H100:
    flash_hopper._work); then PACKED_CASES, whose q, k and v are views of one projection, as the model passes them
    (--long-only: only the cases with LONG_KEYS keys or more, --packed-only: only PACKED_CASES, --head-dim: one head
    dim's);
-2. forward+backward time replayed from a CUDA graph at TIMED shapes (or --timed) for the Triton kernels, this
-   checkout's Gluon kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g. `git show
-   HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first each Gluon
-   pass alone at the 124M pretraining shape (16, 12, 1024, 64) and at (1, 12, 10240, 64), or at --pass-shapes.
+2. forward and forward+backward time replayed from a CUDA graph at TIMED shapes (or --timed) for the Triton
+   kernels, this checkout's Gluon kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g.
+   `git show HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first
+   each Gluon pass alone at the 124M pretraining shape (16, 12, 1024, 64) and at (1, 12, 10240, 64), or at
+   --pass-shapes.
 
     python3 benchmarks/hopper_check.py --revision old.py     # on the device machine, from the repository root
 
@@ -136,20 +137,28 @@ def check(cases, variants, packed=False) -> None:
 
 
 def time_fwd_bwd(shapes, variants) -> None:
-    print("## fwd+bwd CUDA-graph ms (bf16, causal, median)")
+    """The forward alone (no autograd graph) and forward+backward of pope_attention, per variant, at each shape."""
+    print("## forward and fwd+bwd CUDA-graph ms (bf16, causal, median)")
     for b, h, n, d in shapes:
         q, k, v, delta, dout = inputs(d, b, h, n, n, torch.bfloat16, 1.0)
         leaves = [x.detach().requires_grad_() for x in (q, k, v, delta)]
-        times = {}
+        times = {"fwd": {}, "fwd+bwd": {}}
         for name, module in variants.items():
             with hopper_kernels(module):
+                def forward(inputs=(q, k, v, delta)):
+                    with torch.no_grad():
+                        return kernels.pope_attention(*inputs, theta=THETA)
+
                 def fwd_bwd(leaves=leaves, dout=dout):
                     return torch.autograd.grad(kernels.pope_attention(*leaves, theta=THETA), leaves, dout)
 
-                fwd_bwd()
-                torch.cuda.synchronize()
-                times[name] = triton.testing.do_bench_cudagraph(fwd_bwd, rep=100, return_mode="median")
-        print(f"({b},{h},{n},{d}): " + "  ".join(f"{name}={ms:.3f}" for name, ms in times.items()), flush=True)
+                for what, fn in (("fwd", forward), ("fwd+bwd", fwd_bwd)):
+                    fn()
+                    torch.cuda.synchronize()
+                    times[what][name] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        for what, by_name in times.items():
+            print(f"({b},{h},{n},{d}) {what}: " + "  ".join(f"{name}={ms:.3f}" for name, ms in by_name.items()),
+                  flush=True)
 
 
 def time_passes(shapes, variants) -> None:
@@ -186,7 +195,7 @@ def main() -> None:
     parser.add_argument("--pass-shapes", nargs="*", default=["16,12,1024", "1,12,10240"], metavar="B,H,N",
                         help="shapes (D = 64) at which each pass is timed alone")
     parser.add_argument("--timed", nargs="*", default=[",".join(map(str, shape)) for shape in TIMED],
-                        metavar="B,H,N,D", help="shapes at which forward+backward is timed")
+                        metavar="B,H,N,D", help="shapes at which the forward and forward+backward are timed")
     parser.add_argument("--head-dim", type=int, help="check only the cases of this head dim")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.date.today(), flush=True)
