@@ -17,7 +17,8 @@ it). The backward passes build their stationary rows from the pre-passes' magnit
               folded rows (_folded); each consumer holds 64 keys: S^T - lse and dP^T - D (both from the tensor
               cores), dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta. At D = 128, where dV, gc
               and gs of 64 keys would take 192 registers a thread, both consumers hold the same 64 keys and each
-              accumulates half the channels; each computes the whole S^T and dP^T (_dkdv_kernel).
+              accumulates half the channels; the first computes S^T and dS^T, the second dP^T, and they hand them
+              over in shared memory (_dkdv_tile_shared).
 
 The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows
 (64 in the backward passes at D = 128).
@@ -129,10 +130,10 @@ CONFIGS = {
     ("dkdv", 32): Config(block_n=64, stages=2, consumer_regs=200, producer_regs=112, causal_only=True),
     ("dkdv", 64): Config(block_n=64, stages=2, consumer_regs=200, producer_regs=112, causal_only=True,
                          masked_apart=True),
-    # D = 128, the consumers splitting the channels: fwd+bwd -22% at (4, 16, 2048) and -24% at (1, 16, 8192) against
-    # flash.py's dk/dv pass; 64-query tiles were 4% faster still but spill (22 local-memory instructions under triton
-    # 3.6 at 216/80 registers, 37 under 3.9; attention_notes.md, session 30)
-    ("dkdv", 128): Config(block_n=32, stages=2, consumer_regs=200, producer_regs=112, causal_only=True,
+    # D = 128, the consumers splitting the channels and handing S^T's and dP^T's products between them at 64-query
+    # tiles (_dkdv_tile_shared): fwd+bwd -2% at (4, 16, 2048) and -3% at (1, 16, 8192) against each computing the
+    # whole S^T and dP^T at 32-query tiles, the same numbers (attention_notes.md, sessions 30 and 31)
+    ("dkdv", 128): Config(block_n=64, stages=2, consumer_regs=200, producer_regs=112, causal_only=True,
                           masked_apart=True),
 }
 # From LONG_KEYS keys on, by pass and head dim: 128-key tiles in the forward (one wait, softmax step and release per
@@ -192,7 +193,11 @@ def _softplus(x):
 # even the tiles it does not read. Measured (attention_notes.md, session 14): the forward -1% and the dq pass -3% at
 # the pretraining shape; the dk/dv pass's query ring keeps its mbarriers, since there the same change cost 5% to 12%.
 _STAGE_BARRIER = gl.constexpr(8)  # stage s releases on named barrier 8 + s
-_CONSUMERS_BARRIER = gl.constexpr(12)  # the consumers of the D = 128 backward passes meet here
+# where the two consumers of the D = 128 backward passes meet (their channel split: channel_parts): before and after
+# staging shared rows, and in the dk/dv pass each tile's dP^T, P^T and dS^T handed between them
+_CONSUMERS_BARRIER = gl.constexpr(12)
+_DP_READY = gl.constexpr(13)
+_DS_READY = gl.constexpr(14)
 
 
 @gluon.jit
@@ -217,12 +222,17 @@ def _drain(n_tiles, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _consumers_barrier():
-    """Both consumer warpgroups wait for each other, on named barrier _CONSUMERS_BARRIER (clear of Triton's own 0 to 3
-    and of the key ring's _STAGE_BARRIER + stage)."""
-    barrier = gl.program_id(0) * 0 + _CONSUMERS_BARRIER  # (an asm operand must be a tensor)
-    gl.inline_asm_elementwise("mov.u32 $0, 0;\n\tbar.sync $1, 256;", "=r,r", [barrier], dtype=gl.int32, is_pure=False,
-                              pack=1)
+def _consumers_sync(barrier):
+    """Wait on named barrier `barrier` until both consumer warpgroups (256 threads) have reached or arrived at it."""
+    gl.inline_asm_elementwise("mov.u32 $0, 0;\n\tbar.sync $1, 256;", "=r,r", [gl.program_id(0) * 0 + barrier],
+                              dtype=gl.int32, is_pure=False, pack=1)  # (an asm operand must be a tensor)
+
+
+@gluon.jit
+def _consumers_arrive(barrier):
+    """Arrive at named barrier `barrier` without waiting, for the other consumer's _consumers_sync."""
+    gl.inline_asm_elementwise("mov.u32 $0, 0;\n\tbar.arrive $1, 256;", "=r,r", [gl.program_id(0) * 0 + barrier],
+                              dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -552,7 +562,7 @@ def _dq_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEAD
     qs = qs_s.index(WG if HALVES == 1 else 0)
     do = do_s.index(WG if HALVES == 1 else 0)  # (this consumer's last products, which read these, were waited for)
     if HALVES == 2:
-        _consumers_barrier()  # and so were the other's, before the buffers they share are refilled
+        _consumers_sync(_CONSUMERS_BARRIER)  # and so were the other's, before the buffers they share are refilled
     # qc, qs (the first consumer's, if shared) and dO (the second's) staged, and D = rowsum(dO O) summed, CHANNELS
     # channels at a time
     for part in gl.static_range(HALVES):
@@ -578,7 +588,7 @@ def _dq_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEAD
     if HALVES == 1:
         _barrier()
     else:
-        _consumers_barrier()
+        _consumers_sync(_CONSUMERS_BARRIER)
     s_rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
     lse = gl.load(Lse + bh.to(gl.int64) * n_q + s_rows, mask=s_rows < n_q, other=float("inf"))  # padded rows: P = 0
 
@@ -738,47 +748,98 @@ def _key_rows(K, freqs, delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, C
 
 
 @gluon.jit
-def _dkdv_tile(t, dv, gc, gs, kc_own, ks_own, v_own, ones, s_init, keys, n_k, qring, MASKED: gl.constexpr,
-               CAUSAL: gl.constexpr, CHANNELS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-               HALVES: gl.constexpr, WG: gl.constexpr):
+def _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, MASKED: gl.constexpr,
+               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """A dk/dv consumer's query tile t: S^T - lse, dP^T - D = V dO^T - D (-lse and -D through the products, against
-    `ones`: _folded), P^T (masked if MASKED), dV += P^T dO, dS^T = P^T (dP^T - D), gc += dS^T qc and gs += dS^T qs
-    for the consumer's CHANNELS channels; then the stage released. With HALVES = 2 the head dim is in two parts
-    (_dkdv_kernel) and S^T, dP^T sum over both."""
+    `ones`: _folded), P^T (masked if MASKED), dV += P^T dO, dS^T = P^T (dP^T - D), gc += dS^T qc and gs += dS^T qs;
+    then the stage released."""
     (_, _, _, _, _, _, _, _, _, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
-    s_mma: gl.constexpr = _wgmma_layout(BLOCK_M)
-    op_layout: gl.constexpr = _operand_layout(CHANNELS)
+    op_layout: gl.constexpr = _operand_layout(HEAD_DIM)
     stage = t % STAGES
     mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-    # the stationary rows' buffer of each part: this consumer's keys (one part), or the shared keys' channel halves
-    st = warpgroup_mma(kc_own.index(WG if HALVES == 1 else 0), qc_s.index(stage * HALVES).permute((1, 0)), s_init,
-                       use_acc=False, is_async=True)
-    for part in gl.static_range(1, HALVES):
-        st = warpgroup_mma(kc_own.index(part), qc_s.index(stage * HALVES + part).permute((1, 0)), st, is_async=True)
-    for part in gl.static_range(HALVES):
-        st = warpgroup_mma(ks_own.index(WG if HALVES == 1 else part),
-                           qs_s.index(stage * HALVES + part).permute((1, 0)), st, is_async=True)
+    st = warpgroup_mma(kc, qc_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    st = warpgroup_mma(ks, qs_s.index(stage).permute((1, 0)), st, is_async=True)
     st = warpgroup_mma(ones, lse_s.index(stage).permute((1, 0)), st, is_async=True)
-    dpt = warpgroup_mma(v_own.index(WG if HALVES == 1 else 0), do_s.index(stage * HALVES).permute((1, 0)), s_init,
-                        use_acc=False, is_async=True)
-    for part in gl.static_range(1, HALVES):
-        dpt = warpgroup_mma(v_own.index(part), do_s.index(stage * HALVES + part).permute((1, 0)), dpt, is_async=True)
+    dpt = warpgroup_mma(vk, do_s.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
     dpt = warpgroup_mma(ones, dvec_s.index(stage).permute((1, 0)), dpt, is_async=True)
     st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
-    cols = lo + t * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))  # the tile's queries
+    pt = _probabilities(st, lo + t * BLOCK_M, keys, n_k, q_offset, MASKED, CAUSAL)
+    dst = gl.convert_layout((pt * dpt).to(vk.dtype), op_layout)
+    pt = gl.convert_layout(pt.to(vk.dtype), op_layout)
+    dv = warpgroup_mma(pt, do_s.index(stage), dv, is_async=True)
+    gc = warpgroup_mma(dst, qc_s.index(stage), gc, is_async=True)
+    gs = warpgroup_mma(dst, qs_s.index(stage), gs, is_async=True)
+    dv, gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(dv, gc, gs))
+    mbarrier.arrive(empty.index(stage), count=1)
+    return dv, gc, gs
+
+
+@gluon.jit
+def _probabilities(st, q0, keys, n_k, q_offset, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """P^T = exp2(S^T - lse) of the queries q0 .. (st's columns), masked if MASKED: zero past n_k and, if causal,
+    where the key comes after the query."""
+    cols = q0 + gl.arange(0, st.shape[1], layout=gl.SliceLayout(0, st.type.layout))
     pt = gl.exp2(st)
     if MASKED:
         keep = gl.expand_dims(keys < n_k, 1)
         if CAUSAL:
             keep = keep & (gl.expand_dims(keys, 1) <= gl.expand_dims(q_offset + cols, 0))
         pt = gl.where(keep, pt, 0.0)
+    return pt
+
+
+@gluon.jit
+def _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k, qring,
+                      MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                      WG: gl.constexpr):
+    """Query tile t for consumer WG of two that share their 64 keys, each accumulating dV, gc and gs for its half of
+    the channels (_dkdv_kernel, HALVES = 2). The second computes dP^T - D and hands it over in shared memory; the
+    first computes S^T - lse (summed over both halves' buffers), P^T and dS^T = P^T (dP^T - D), rounded as
+    _dkdv_tile rounds them, one half of the tile's queries at a time (the whole tile spilled), and hands P^T and dS^T
+    back. Then both issue their channels' dV += P^T dO, gc += dS^T qc, gs += dS^T qs from there, and release the
+    stage. Each handover is a named barrier. One buffer each suffices: the second refills dP^T only after the first
+    has handed back dS^T (so has read dP^T), and the first refills P^T and dS^T only after the second has handed over
+    the next dP^T, which it computes after waiting for its products of this tile."""
+    (_, _, _, _, _, _, _, _, _, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
+    pt_s, dst_s, dpt_s = handed  # P^T and dS^T by query half; dP^T - D (fp32)
+    HALF: gl.constexpr = BLOCK_M // 2
+    half_mma: gl.constexpr = _wgmma_layout(BLOCK_M // 2)
     dtype: gl.constexpr = ones.dtype
-    dst = gl.convert_layout((pt * dpt).to(dtype), op_layout)
-    pt = gl.convert_layout(pt.to(dtype), op_layout)
-    own = stage * HALVES + (WG if HALVES == 2 else 0)  # this consumer's channels of the stage
-    dv = warpgroup_mma(pt, do_s.index(own), dv, is_async=True)
-    gc = warpgroup_mma(dst, qc_s.index(own), gc, is_async=True)
-    gs = warpgroup_mma(dst, qs_s.index(own), gs, is_async=True)
+    stage = t % STAGES
+    mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+    if WG == 0:
+        half_keys = gl.convert_layout(keys, gl.SliceLayout(1, half_mma))  # (the same registers)
+        for half in gl.static_range(2):
+            st = warpgroup_mma(kc_own.index(0), qc_s.index(stage * 2).slice(half * HALF, HALF).permute((1, 0)),
+                               gl.zeros([64, BLOCK_M // 2], gl.float32, half_mma), use_acc=False, is_async=True)
+            st = warpgroup_mma(kc_own.index(1), qc_s.index(stage * 2 + 1).slice(half * HALF, HALF).permute((1, 0)), st,
+                               is_async=True)
+            st = warpgroup_mma(ks_own.index(0), qs_s.index(stage * 2).slice(half * HALF, HALF).permute((1, 0)), st,
+                               is_async=True)
+            st = warpgroup_mma(ks_own.index(1), qs_s.index(stage * 2 + 1).slice(half * HALF, HALF).permute((1, 0)), st,
+                               is_async=True)
+            st = warpgroup_mma(ones, lse_s.index(stage).slice(half * HALF, HALF).permute((1, 0)), st, is_async=True)
+            st = warpgroup_mma_wait(num_outstanding=0, deps=(st,))
+            pt = _probabilities(st, lo + t * BLOCK_M + half * HALF, half_keys, n_k, q_offset, MASKED, CAUSAL)
+            if half == 0:  # the second's dP^T is ready, and so (it waited for them) are its last tile's products
+                _consumers_sync(_DP_READY)  # that read P^T and dS^T
+            pt_s.index(half).store(pt.to(dtype))
+            dst_s.index(half).store((pt * dpt_s.slice(half * HALF, HALF, dim=1).load(half_mma)).to(dtype))
+        fence_async_shared()  # read next by the tensor cores, both consumers'
+        _consumers_arrive(_DS_READY)
+    else:
+        dpt = warpgroup_mma(v_own.index(0), do_s.index(stage * 2).permute((1, 0)), s_init, use_acc=False,
+                            is_async=True)
+        dpt = warpgroup_mma(v_own.index(1), do_s.index(stage * 2 + 1).permute((1, 0)), dpt, is_async=True)
+        dpt = warpgroup_mma(ones, dvec_s.index(stage).permute((1, 0)), dpt, is_async=True)
+        dpt_s.store(warpgroup_mma_wait(num_outstanding=0, deps=(dpt,)))
+        _consumers_arrive(_DP_READY)
+        _consumers_sync(_DS_READY)
+    own = stage * 2 + WG  # this consumer's channels of the stage
+    for half in gl.static_range(2):
+        dv = warpgroup_mma(pt_s.index(half), do_s.index(own).slice(half * HALF, HALF), dv, is_async=True)
+        gc = warpgroup_mma(dst_s.index(half), qc_s.index(own).slice(half * HALF, HALF), gc, is_async=True)
+        gs = warpgroup_mma(dst_s.index(half), qs_s.index(own).slice(half * HALF, HALF), gs, is_async=True)
     dv, gc, gs = warpgroup_mma_wait(num_outstanding=0, deps=(dv, gc, gs))
     mbarrier.arrive(empty.index(stage), count=1)
     return dv, gc, gs
@@ -791,7 +852,7 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     P^T and dS^T recomputed, dV = P^T dO, gc = dS^T qc and gs = dS^T qs accumulated; then dk = sigmoid(k) (cos gc +
     sin gs) ln2 and d delta as flash.py's dk/dv pass."""
     (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_vb, stride_vh,
-     stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own, ks_own, v_own, ones_own) = krows
+     stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own, ks_own, v_own, ones_own, handed) = krows
     _, _, _, _, Freqs, b, h, _, _, q_offset, _, _, _, _, lo, n_tiles, _, _, _, _, _, ready, empty = qring
     dtype: gl.constexpr = DV.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
@@ -818,7 +879,7 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     if HALVES == 1:
         _barrier()
     else:  # each consumer's products read the other's half too
-        _consumers_barrier()
+        _consumers_sync(_CONSUMERS_BARRIER)
 
     keys = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_mma))
     dv = gl.zeros([64, CHANNELS], gl.float32, o_mma)
@@ -840,12 +901,21 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     for t in range(gl.minimum(first, n_tiles)):  # first > n_tiles: keys past every query (padding)
         mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
         mbarrier.arrive(empty.index(t % STAGES), count=1)
-    for t in range(first, unmasked):
-        dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc_own, ks_own, v_own, ones, s_init, keys, n_k, qring, True, CAUSAL,
-                                CHANNELS, BLOCK_M, STAGES, HALVES, WG)
-    for t in range(unmasked, n_tiles):
-        dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc_own, ks_own, v_own, ones, s_init, keys, n_k, qring, False, CAUSAL,
-                                CHANNELS, BLOCK_M, STAGES, HALVES, WG)
+    if HALVES == 1:
+        kc, ks, vk = kc_own.index(WG), ks_own.index(WG), v_own.index(WG)
+        for t in range(first, unmasked):
+            dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, True, CAUSAL, HEAD_DIM,
+                                    BLOCK_M, STAGES)
+        for t in range(unmasked, n_tiles):
+            dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, False, CAUSAL, HEAD_DIM,
+                                    BLOCK_M, STAGES)
+    else:
+        for t in range(first, unmasked):
+            dv, gc, gs = _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k,
+                                           qring, True, CAUSAL, BLOCK_M, STAGES, WG)
+        for t in range(unmasked, n_tiles):
+            dv, gc, gs = _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k,
+                                           qring, False, CAUSAL, BLOCK_M, STAGES, WG)
 
     # gc, gs carry the queries' sm_scale log2(e); ln2 leaves sm_scale (flash.py's _polar_grad)
     k, cos, sin = _key_rows(K + c0, freqs, delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, CHANNELS, o_mma)
@@ -873,8 +943,8 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
                  PRODUCER_REGS: gl.constexpr):
     # HALVES = 1: each consumer owns 64 keys at every channel (128 keys a program). HALVES = 2 (D = 128, where dv, gc
     # and gs of 64 keys at every channel would take 192 registers a thread): both consumers take the same 64 keys,
-    # each owning half the channels of dv, gc and gs; each computes the whole S^T and dP^T (summed over both halves,
-    # whose buffers are stage * HALVES + part), so the scores' products are issued twice (channel_parts).
+    # each owning half the channels of dv, gc and gs; S^T and dP^T sum over both halves, whose buffers are
+    # stage * HALVES + part, and are computed once, by one consumer each (_dkdv_tile_shared, channel_parts).
     dtype: gl.constexpr = V.dtype.element_ty
     CHANNELS: gl.constexpr = HEAD_DIM // HALVES
     bh = gl.program_id(1)
@@ -895,6 +965,13 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     kc_own = gl.allocate_shared_memory(dtype, [2, 64, CHANNELS], k_layout)  # by consumer: its keys or channels
     ks_own = gl.allocate_shared_memory(dtype, [2, 64, CHANNELS], k_layout)
     v_own = gl.allocate_shared_memory(dtype, [2, 64, CHANNELS], k_layout)
+    if HALVES == 2:  # each tile's P^T, dS^T and dP^T, handed between the consumers (_dkdv_tile_shared)
+        handed_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M // 2], dtype)
+        handed = (gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M // 2], handed_layout),
+                  gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M // 2], handed_layout),
+                  gl.allocate_shared_memory(gl.float32, [64, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])))
+    else:
+        handed = ones_own  # (unused)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -905,7 +982,7 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
     # mu_k is contiguous
     krows = (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, n_heads * n_k * HEAD_DIM,
              n_k * HEAD_DIM, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own,
-             ks_own, v_own, ones_own)
+             ks_own, v_own, ones_own, handed)
     gl.warp_specialize([(_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, MASKED_APART, HALVES, 0)),
                         (_dkdv_consumer, (qring, krows, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, MASKED_APART, HALVES, 1)),
                         (_query_producer, (qring, HEAD_DIM, BLOCK_M, STAGES, HALVES))],
