@@ -28,10 +28,11 @@ by tile in the inner loop):
 The chain rule through the polar map (pope.md): with gc = sm_scale dS kc, gs = sm_scale dS ks,
     dq = sigmoid(q) (cos(t theta) gc + sin(t theta) gs),  and the same for k with its own phase.
 
-On an H100 (sm_90), for fp16/bf16 at head dims 32 and 64, flash_hopper.py runs these passes instead (dk/dv: causal
-only): the same arithmetic in Gluon, with a producer warpgroup building the streamed tiles beside two consumer
-warpgroups (23% less time for forward+backward at N = 10240; benchmarks/attention_notes.md, session 11). This file's
-kernels serve every other case, and the CPU tests through Triton's interpreter.
+On an H100 (sm_90), for fp16/bf16 at head dims 32, 64 and 128, flash_hopper.py runs these passes instead (dk/dv:
+causal only): the same arithmetic in Gluon, with a producer warpgroup building the streamed tiles beside two consumer
+warpgroups (forward+backward 23% less time at N = 10240, D = 64, and 33% at (4, 16, 2048, 128);
+benchmarks/attention_notes.md, sessions 11, 30 and 31). This file's kernels serve every other case, and the CPU tests
+through Triton's interpreter.
 
 Streamed tiles need cos and sin of every element. Computing them directly would cost two special-function
 (SFU) ops per element on top of softplus and the softmax exponentials, and the SFU already bounds flash
