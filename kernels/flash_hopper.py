@@ -810,14 +810,15 @@ def _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init
     if WG == 0:
         half_keys = gl.convert_layout(keys, gl.SliceLayout(1, half_mma))  # (the same registers)
         for half in gl.static_range(2):
-            st = warpgroup_mma(kc_own.index(0), qc_s.index(stage * 2).slice(half * HALF, HALF).permute((1, 0)),
-                               gl.zeros([64, BLOCK_M // 2], gl.float32, half_mma), use_acc=False, is_async=True)
-            st = warpgroup_mma(kc_own.index(1), qc_s.index(stage * 2 + 1).slice(half * HALF, HALF).permute((1, 0)), st,
-                               is_async=True)
-            st = warpgroup_mma(ks_own.index(0), qs_s.index(stage * 2).slice(half * HALF, HALF).permute((1, 0)), st,
-                               is_async=True)
-            st = warpgroup_mma(ks_own.index(1), qs_s.index(stage * 2 + 1).slice(half * HALF, HALF).permute((1, 0)), st,
-                               is_async=True)
+            st = gl.zeros([64, BLOCK_M // 2], gl.float32, half_mma)
+            for part in gl.static_range(2):  # S^T over both channel halves' buffers
+                st = warpgroup_mma(kc_own.index(part),
+                                   qc_s.index(stage * 2 + part).slice(half * HALF, HALF).permute((1, 0)), st,
+                                   use_acc=part > 0, is_async=True)
+            for part in gl.static_range(2):
+                st = warpgroup_mma(ks_own.index(part),
+                                   qs_s.index(stage * 2 + part).slice(half * HALF, HALF).permute((1, 0)), st,
+                                   is_async=True)
             st = warpgroup_mma(ones, lse_s.index(stage).slice(half * HALF, HALF).permute((1, 0)), st, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=0, deps=(st,))
             pt = _probabilities(st, lo + t * BLOCK_M + half * HALF, half_keys, n_k, q_offset, MASKED, CAUSAL)
@@ -828,9 +829,10 @@ def _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init
         fence_async_shared()  # read next by the tensor cores, both consumers'
         _consumers_arrive(_DS_READY)
     else:
-        dpt = warpgroup_mma(v_own.index(0), do_s.index(stage * 2).permute((1, 0)), s_init, use_acc=False,
-                            is_async=True)
-        dpt = warpgroup_mma(v_own.index(1), do_s.index(stage * 2 + 1).permute((1, 0)), dpt, is_async=True)
+        dpt = s_init
+        for part in gl.static_range(2):
+            dpt = warpgroup_mma(v_own.index(part), do_s.index(stage * 2 + part).permute((1, 0)), dpt,
+                                use_acc=part > 0, is_async=True)
         dpt = warpgroup_mma(ones, dvec_s.index(stage).permute((1, 0)), dpt, is_async=True)
         dpt_s.store(warpgroup_mma_wait(num_outstanding=0, deps=(dpt,)))
         _consumers_arrive(_DP_READY)
