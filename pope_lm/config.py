@@ -72,6 +72,9 @@ class TrainerConfig:
     offload_params: bool = False  # deepspeed with zero_stage 3: parameters in CPU memory between uses
     deepspeed_config: str = ""  # deepspeed: JSON file merged over the DeepSpeed config generated from the recipe
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision string
+    # fp32 matrix products on GPU (torch.set_float32_matmul_precision): high runs them on the tensor cores in TF32
+    # (those autocast leaves in fp32 under bf16-mixed; all of them under 32-true), highest in full fp32
+    matmul_precision: str = "high"
     val_every_n_steps: int = 1000
     test_at_end: bool = True  # score the dataset's test split, where it has one, once training ends
     test_on: str = "last"  # the weights the test split scores: last | best (needs checkpoint.keep_best)
@@ -134,6 +137,7 @@ _CHOICES = {
     "trainer.strategy": ("auto", "ddp", "deepspeed"),
     "trainer.test_on": ("last", "best"),
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "trainer.matmul_precision": ("highest", "high", "medium"),
 }
 
 

@@ -54,6 +54,13 @@ def resolve_precision(cfg: RunConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator == "gpu" else "32-true"
 
 
+def set_matmul_precision(cfg: RunConfig, accelerator: str) -> None:
+    """trainer.matmul_precision for this process's fp32 matrix products, on GPU only: on the CPU torch's setting
+    would move them to bf16 through oneDNN at medium, so CPU runs keep full fp32."""
+    if accelerator == "gpu":
+        torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
+
+
 def compiles(cfg: RunConfig, accelerator: str) -> bool:
     """Whether the run torch.compiles its model: trainer.compile, or by default on GPU (the fast path: the Triton
     kernel is a custom op, so the model compiles as one graph), except under DeepSpeed ZeRO-3, which gathers each
@@ -85,6 +92,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
     if resumed_cfg is not None:
         _check_same_function(f"the checkpoint {resume_path}", config_from_container(resumed_cfg).model, cfg.model)
     precision = resolve_precision(cfg, accelerator)
+    set_matmul_precision(cfg, accelerator)
     # auto becomes a number here, so that accumulation, DeepSpeed's config, the data module, the logged params and
     # the checkpoints' config all get the one that runs.
     auto_micro_batch = cfg.trainer.micro_batch_size == "auto"

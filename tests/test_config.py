@@ -53,6 +53,7 @@ def test_flatten_gives_dotted_keys():
         (["trainer.test_on=best"], "'trainer.test_on' best needs checkpoint.keep_best=true"),
         (["trainer.test_on=first"], "'trainer.test_on' must be one of last, best"),
         (["trainer.compile_mode=fast"], "'trainer.compile_mode' must be one of default, reduce-overhead"),
+        (["trainer.matmul_precision=tf32"], "'trainer.matmul_precision' must be one of highest, high, medium"),
         (["trainer.micro_batch_size=0"], "'trainer.micro_batch_size' must be a positive integer or auto; got 0"),
         (["trainer.micro_batch_size=-3"], "'trainer.micro_batch_size' must be a positive integer or auto; got -3"),
         (["trainer.micro_batch_size=big"], "'trainer.micro_batch_size' must be a positive integer or auto; got 'big'"),

@@ -25,7 +25,7 @@ from pope_lm.config import load_config
 from pope_lm.data.corpora import prepare_text
 from pope_lm.data.prepare import Settings
 from pope_lm.data.shards import write_token_dataset
-from pope_lm.train import compiles, train
+from pope_lm.train import compiles, set_matmul_precision, train
 
 pytestmark = pytest.mark.slow
 
@@ -272,3 +272,14 @@ def test_skipped_corrupt_shards_are_counted_in_the_logged_metrics(tmp_path):
 )
 def test_the_model_compiles_by_default_on_gpu_unless_set_or_under_zero3(overrides, accelerator, expected):
     assert compiles(load_config("recipes/tiny.yaml", overrides), accelerator) is expected
+
+
+@pytest.mark.parametrize(("accelerator", "expected"), [("gpu", "high"), ("cpu", "highest")])
+def test_fp32_matmuls_take_the_recipe_precision_on_gpu_and_stay_full_on_cpu(accelerator, expected):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        set_matmul_precision(load_config("recipes/tiny.yaml"), accelerator)
+        assert torch.get_float32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
