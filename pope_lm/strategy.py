@@ -80,18 +80,29 @@ def accumulation_steps(cfg: RunConfig) -> int:
 
 
 def resolve_strategy(cfg: RunConfig, resume_path: Path | None) -> RunConfig:
-    """`cfg` with trainer.strategy=deepspeed replaced by auto (Lightning's single-device strategy) where DeepSpeed has
-    nothing to do: ZeRO-1/2 on one process, which shard over a single rank. Its engine still copies every micro-batch's
-    gradients into its buckets and steps flat fp32 copies of the weights: on one H100 the 774m recipe trained at
-    62K tokens/s under ZeRO-2 against 80K single-device, both compiled (benchmarks/train_throughput_results.md,
-    session 26). DeepSpeed stays for what it does on one process too (ZeRO-3, CPU offload, a DeepSpeed JSON's
-    settings) and to resume one of its checkpoint directories, which only its engine reads."""
+    """`cfg` with trainer.strategy replaced by auto (Lightning's single-device strategy) where the one named has nothing
+    to do, so that the strategy logged and saved with the run is the one that trains:
+    - ddp on one process: with nothing to all-reduce, DDP would only copy the gradients into its buckets and, under
+      torch.compile, have dynamo's DDPOptimizer split the model's graph at bucket boundaries, which costs fusions and
+      adds a CUDA graph per piece;
+    - deepspeed with ZeRO-1/2 on one process, which shard over a single rank. Its engine still copies every
+      micro-batch's gradients into its buckets and steps flat fp32 copies of the weights: on one H100 the 774m recipe
+      trained at 62K tokens/s under ZeRO-2 against 80K single-device, both compiled
+      (benchmarks/train_throughput_results.md, session 26). DeepSpeed stays for what it does on one process too
+      (ZeRO-3, CPU offload, a DeepSpeed JSON's settings) and to resume one of its checkpoint directories, which only
+      its engine reads."""
     t = cfg.trainer
-    if (t.strategy != "deepspeed" or world_size(cfg) > 1 or t.zero_stage == 3 or t.offload_optimizer
-            or t.deepspeed_config or (resume_path is not None and resume_path.is_dir())):
+    if world_size(cfg) > 1 or t.strategy == "auto":
         return cfg
-    log.info("trainer.strategy=deepspeed -> auto: ZeRO-%d on one process shards nothing, so this run trains with "
-             "the single-device strategy (checkpoints are files)", t.zero_stage)
+    if t.strategy == "ddp":
+        log.info("trainer.strategy=ddp -> auto: one process has nothing to all-reduce, so this run trains with the "
+                 "single-device strategy")
+    elif (t.zero_stage == 3 or t.offload_optimizer or t.deepspeed_config
+          or (resume_path is not None and resume_path.is_dir())):
+        return cfg
+    else:
+        log.info("trainer.strategy=deepspeed -> auto: ZeRO-%d on one process shards nothing, so this run trains with "
+                 "the single-device strategy (checkpoints are files)", t.zero_stage)
     return replace(cfg, trainer=replace(t, strategy="auto"))
 
 
@@ -183,13 +194,10 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> None:
 
 
 def build_strategy(cfg: RunConfig, accelerator: str, precision: str) -> str | Strategy:
-    """The Lightning strategy: the name for auto and ddp, a configured DeepSpeedStrategy for deepspeed.
-
-    ddp on one process becomes auto (Lightning's single-device strategy): with nothing to all-reduce, DDP would only
-    copy the gradients into its buckets and, under torch.compile, have dynamo's DDPOptimizer split the model's graph
-    at bucket boundaries, which costs fusions and adds a CUDA graph per piece."""
+    """The Lightning strategy of a run `resolve_strategy` has resolved: the name for auto and ddp, a configured
+    DeepSpeedStrategy for deepspeed."""
     if cfg.trainer.strategy != "deepspeed":
-        return "auto" if cfg.trainer.strategy == "ddp" and world_size(cfg) == 1 else cfg.trainer.strategy
+        return cfg.trainer.strategy
     if accelerator != "gpu":
         raise ConfigError("'trainer.strategy' deepspeed needs GPUs (Lightning's DeepSpeedStrategy refuses the CPU); "
                           "use ddp on CPU")

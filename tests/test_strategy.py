@@ -151,10 +151,15 @@ def test_deepspeed_is_refused_on_cpu_with_a_pointer_to_ddp() -> None:
         build_strategy(_cfg(*DEEPSPEED), "cpu", "32-true")
 
 
-def test_ddp_on_one_process_trains_with_the_single_device_strategy() -> None:
+def test_ddp_on_one_process_trains_with_the_single_device_strategy(caplog) -> None:
     # DDP with nothing to all-reduce would still split the compiled graph at its buckets (dynamo's DDPOptimizer)
-    assert build_strategy(_cfg("trainer.strategy=ddp", "trainer.devices=1"), "gpu", "bf16-mixed") == "auto"
-    assert build_strategy(_cfg("trainer.strategy=ddp", "trainer.num_nodes=2"), "gpu", "bf16-mixed") == "ddp"
+    caplog.set_level(logging.INFO, logger="pope_lm")
+    one = resolve_strategy(_cfg("trainer.strategy=ddp", "trainer.devices=1"), None)
+    assert one.trainer.strategy == "auto" and build_strategy(one, "gpu", "bf16-mixed") == "auto"
+    assert caplog.messages[-1] == ("trainer.strategy=ddp -> auto: one process has nothing to all-reduce, so this run "
+                                   "trains with the single-device strategy")
+    two_nodes = _cfg("trainer.strategy=ddp", "trainer.num_nodes=2")
+    assert resolve_strategy(two_nodes, None) is two_nodes and build_strategy(two_nodes, "gpu", "bf16-mixed") == "ddp"
 
 
 def test_deepspeed_on_one_process_trains_single_device_unless_it_does_something_there(tmp_path: Path,
