@@ -397,12 +397,21 @@ def _query_rows(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, fre
 def _stage_query_halves(X, b, h, stride_xb, stride_xh, stride_xn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs,
                         HEAD_DIM: gl.constexpr, SOFTPLUS: gl.constexpr):
     """Queries r0 .. r0+63 as their halves in shared memory (qc, qs), built as flash.py's _query_block does (mu
-    rounded first, sm_scale log2(e) folded in), from the raw queries X (SOFTPLUS) or their magnitudes X."""
+    rounded first, sm_scale log2(e) folded in), from the raw queries X (SOFTPLUS) or their magnitudes X.
+
+    Past 64 channels, 64 at a time with a warpgroup barrier between the parts: the D = 128 forward's whole rows
+    spilled (4 local-memory instructions under triton 3.9, 41 under 3.6), and so did the parts without the barrier
+    (14 under 3.9); with it, none."""
     dtype: gl.constexpr = qc.dtype
-    x, cos, sin = _query_rows(X, b, h, stride_xb, stride_xh, stride_xn, r0, n_q, q_offset, Freqs, HEAD_DIM, _BLOCKED)
-    mu = _softplus(x.to(gl.float32)).to(dtype).to(gl.float32) if SOFTPLUS else x.to(gl.float32)
-    qc.store((mu * (cos * qk_scale)).to(dtype))
-    qs.store((mu * (sin * qk_scale)).to(dtype))
+    PARTS: gl.constexpr = 2 if HEAD_DIM > 64 else 1
+    for part in gl.static_range(PARTS):
+        if part > 0:
+            _barrier()
+        x, cos, sin = _query_rows(X + part * (HEAD_DIM // PARTS), b, h, stride_xb, stride_xh, stride_xn, r0, n_q,
+                                  q_offset, Freqs + part * (HEAD_DIM // PARTS), HEAD_DIM // PARTS, _BLOCKED)
+        mu = _softplus(x.to(gl.float32)).to(dtype).to(gl.float32) if SOFTPLUS else x.to(gl.float32)
+        _channels(qc, part, PARTS).store((mu * (cos * qk_scale)).to(dtype))
+        _channels(qs, part, PARTS).store((mu * (sin * qk_scale)).to(dtype))
 
 
 @gluon.jit
@@ -470,16 +479,9 @@ def _fwd_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEA
 
     qc = qc_s.index(WG)
     qs = qs_s.index(WG)
-    # (the last item's products, which read these, were waited for) built 64 channels at a time with a warpgroup
-    # barrier between the parts. At D = 128 whole rows spilled (4 local-memory instructions under triton 3.9, 41 under
-    # 3.6), and so did the parts without the barrier (14 under 3.9); with it, none.
-    PARTS: gl.constexpr = 2 if HEAD_DIM > 64 else 1
-    for part in gl.static_range(PARTS):
-        if part > 0:
-            _barrier()
-        _stage_query_halves(Q + part * (HEAD_DIM // PARTS), b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset,
-                            Freqs + part * (HEAD_DIM // PARTS), qk_scale, _channels(qc, part, PARTS),
-                            _channels(qs, part, PARTS), HEAD_DIM // PARTS, True)
+    # (the last item's products, which read these, were waited for)
+    _stage_query_halves(Q, b, h, stride_qb, stride_qh, stride_qn, r0, n_q, q_offset, Freqs, qk_scale, qc, qs, HEAD_DIM,
+                        True)
     fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
     _barrier()
 
