@@ -62,7 +62,7 @@ CASES = [
 # Nq < Nk, non-causal fp16
 CASES += [(64, 1, 2, 4100, 4100, 0, True, torch.bfloat16, 1.0), (64, 1, 2, 300, 5000, 4700, True, torch.bfloat16, 1.0),
           (64, 1, 2, 500, 4500, 0, False, torch.float16, 1.0)]
-# D = 128, where the backward passes are Gluon's and the forward Triton's (flash_hopper.channel_parts)
+# D = 128, where the backward passes' consumers split the channels (flash_hopper.channel_parts)
 CASES += [(128, *case) for case in [(2, 3, 1000, 1000, 0, True, torch.bfloat16, 1.0),
                                     (1, 2, 777, 777, 0, True, torch.float16, 1.0),
                                     (1, 2, 300, 1200, 900, True, torch.bfloat16, 1.0),
@@ -179,6 +179,11 @@ def paired_order():
     return module
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """A shape from the command line: "B,H,N" or "B,H,N,D"."""
+    return tuple(int(x) for x in text.split(","))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--revision", type=Path, nargs="*", default=[],
@@ -192,10 +197,10 @@ def main() -> None:
                         help="check only the cases whose q, k and v are views of one projection (and the packed op)")
     parser.add_argument("--no-triton-timings", dest="triton_timings", action="store_false",
                         help="time the Gluon kernels only (the Triton kernels autotune at every new shape: minutes)")
-    parser.add_argument("--pass-shapes", nargs="*", default=["16,12,1024", "1,12,10240"], metavar="B,H,N",
-                        help="shapes (D = 64) at which each pass is timed alone")
-    parser.add_argument("--timed", nargs="*", default=[",".join(map(str, shape)) for shape in TIMED],
-                        metavar="B,H,N,D", help="shapes at which the forward and forward+backward are timed")
+    parser.add_argument("--pass-shapes", nargs="*", type=parse_shape, default=[(16, 12, 1024), (1, 12, 10240)],
+                        metavar="B,H,N", help="shapes (D = 64) at which each pass is timed alone")
+    parser.add_argument("--timed", nargs="*", type=parse_shape, default=TIMED, metavar="B,H,N,D",
+                        help="shapes at which the forward and forward+backward are timed")
     parser.add_argument("--head-dim", type=int, help="check only the cases of this head dim")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.date.today(), flush=True)
@@ -214,9 +219,9 @@ def main() -> None:
             check(cases, checked)
             check(packed_cases, checked, packed=True)
     if args.timings:
-        time_passes([tuple(int(x) for x in shape.split(",")) for shape in args.pass_shapes], variants)
-        timed = [tuple(int(x) for x in shape.split(",")) for shape in args.timed]
-        time_fwd_bwd(timed, variants if args.triton_timings else {k: v for k, v in variants.items() if v is not None})
+        time_passes(args.pass_shapes, variants)
+        time_fwd_bwd(args.timed,
+                     variants if args.triton_timings else {k: v for k, v in variants.items() if v is not None})
 
 
 if __name__ == "__main__":
