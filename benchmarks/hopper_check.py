@@ -162,14 +162,15 @@ def time_fwd_bwd(shapes, variants) -> None:
 
 
 def time_passes(shapes, variants) -> None:
-    """Each Gluon pass alone, per Gluon variant, at each (B, H, N) of `shapes` (by default the pretraining shape, where
-    issue 8's step spends them, and a long one: few programs, mostly tiles)."""
-    print("## each pass alone, CUDA-graph us (bf16, causal, D = 64)")
-    for b, h, n in shapes:
+    """Each Gluon pass alone, per Gluon variant, at each (B, H, N) or (B, H, N, D) of `shapes` (D = 64 unless given; by
+    default the pretraining shape, where issue 8's step spends them, and a long one: few programs, mostly tiles)."""
+    print("## each pass alone, CUDA-graph us (bf16, causal)")
+    for b, h, n, d in (shape if len(shape) == 4 else (*shape, 64) for shape in shapes):
         for name, module in variants.items():
             if module is not None:
-                times = pass_times(b, h, n, module, peers=False)
-                print(f"({b},{h},{n}) {name}: " + "  ".join(f"{p}={us:.1f}" for p, us in times.items()), flush=True)
+                times = pass_times(b, h, n, module, peers=False, head_dim=d)
+                print(f"({b},{h},{n},{d}) {name}: " + "  ".join(f"{p}={us:.1f}" for p, us in times.items()),
+                      flush=True)
 
 
 def paired_order():
@@ -198,7 +199,7 @@ def main() -> None:
     parser.add_argument("--no-triton-timings", dest="triton_timings", action="store_false",
                         help="time the Gluon kernels only (the Triton kernels autotune at every new shape: minutes)")
     parser.add_argument("--pass-shapes", nargs="*", type=parse_shape, default=[(16, 12, 1024), (1, 12, 10240)],
-                        metavar="B,H,N", help="shapes (D = 64) at which each pass is timed alone")
+                        metavar="B,H,N[,D]", help="shapes (D = 64 unless given) at which each pass is timed alone")
     parser.add_argument("--timed", nargs="*", type=parse_shape, default=TIMED, metavar="B,H,N,D",
                         help="shapes at which the forward and forward+backward are timed")
     parser.add_argument("--head-dim", type=int, help="check only the cases of this head dim")

@@ -36,18 +36,19 @@ HEAD_DIM = 64
 SHAPES = [(16, 12, 1024), (16, 6, 1448), (8, 6, 2048), (2, 6, 4096), (1, 6, 5792)]
 
 
-def pass_times(b: int, h: int, n: int, hopper=flash.flash_hopper, peers: bool = True) -> dict[str, float]:
+def pass_times(b: int, h: int, n: int, hopper=flash.flash_hopper, peers: bool = True,
+               head_dim: int = HEAD_DIM) -> dict[str, float]:
     """Microseconds of each Gluon pass of `hopper` (a revision of kernels/flash_hopper.py) and, with `peers`, the
-    pre-passes and cuDNN's forward at (b, h, n, HEAD_DIM)."""
+    pre-passes and cuDNN's forward at (b, h, n, head_dim)."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(b, h, n, HEAD_DIM, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
-    delta = -2 * math.pi * torch.rand(h, HEAD_DIM, device="cuda", generator=g)
-    freqs = kernels.reference.pope_frequencies(HEAD_DIM, THETA, "cuda")
-    sm_scale = 1 / math.sqrt(HEAD_DIM)
+    q, k, v, dout = (torch.randn(b, h, n, head_dim, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
+    delta = -2 * math.pi * torch.rand(h, head_dim, device="cuda", generator=g)
+    freqs = kernels.reference.pope_frequencies(head_dim, THETA, "cuda")
+    sm_scale = 1 / math.sqrt(head_dim)
     qk_scale = sm_scale * math.log2(math.e)
     out, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
     lse, dvec = torch.empty(b, h, n, device="cuda"), torch.empty(b, h, n, device="cuda")
-    ddelta = torch.zeros(h, HEAD_DIM, device="cuda")
+    ddelta = torch.zeros(h, head_dim, device="cuda")
     mu_k = flash._magnitudes(k)
     hopper.forward(q, mu_k, v, freqs, delta, out, lse, True, qk_scale, 0)
     mu_q = flash._magnitudes(q)
