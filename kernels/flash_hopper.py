@@ -686,10 +686,17 @@ def _folded(x, dtype: gl.constexpr):
 @gluon.jit
 def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                     HALVES: gl.constexpr):
-    """The query tiles a key block sees, in order: qc, qs (from the prepass's mu_q, phases t theta computed directly,
-    sm_scale log2(e) folded in: the forward's halves exactly), dO, and the queries' -lse and -D as folded rows into
-    the ring's stages, 32 rows and HEAD_DIM // HALVES channels at a time (the registers of a 64-row tile would spill);
-    each channel part into buffer stage * HALVES + part (_dkdv_kernel)."""
+    """The query tiles a key block sees, in order: qc, qs (from the prepass's mu_q, at phases t theta with sm_scale
+    log2(e) folded in), dO, and the queries' -lse and -D as folded rows into the ring's stages, 32 rows and HEAD_DIM //
+    HALVES channels at a time (the registers of a 64-row tile would spill); each channel part into buffer
+    stage * HALVES + part (_dkdv_kernel).
+
+    The phases: with one channel part, those of the next 32 rows are held in registers and advanced 32 rows at a time
+    by angle addition, as flash.py's dk/dv pass and the forward's key producer do (four FMAs an element). This
+    producer bounds the pass, and against phases computed directly (two SFU ops and six more instructions an element)
+    that took 8-12% off it at D = 64. With two parts (D = 128) that state spilled (98-100 local-memory instructions at
+    200/112 registers, 9-31 with the steps in shared memory), so there each piece's are computed directly. fp16 at
+    D = 64 spills 12 in this producer under triton 3.9 (none under 3.6). Session 32 (attention_notes.md)."""
     (MuQ, DO, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
      qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
     dtype: gl.constexpr = DO.dtype.element_ty
@@ -699,7 +706,12 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
     piece_rows = gl.arange(0, PIECE, layout=gl.SliceLayout(1, blocked))
     folded_rows = gl.arange(0, 32, layout=gl.SliceLayout(1, _FOLD))
     d = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, blocked))
-    freqs = gl.expand_dims(gl.load(Freqs + d), 0)  # kept in registers if there is one part (else: spills)
+    if HALVES == 1:  # the phases of rows lo .., advanced PIECE rows at a time
+        freqs = gl.load(Freqs + d)
+        cos, sin = _cos_sin(gl.expand_dims((q_offset + lo + piece_rows).to(gl.float32), 1) * gl.expand_dims(freqs, 0))
+        cos, sin = cos * qk_scale, sin * qk_scale
+        step_cos, step_sin = _cos_sin(PIECE * freqs)
+        step_cos, step_sin = gl.expand_dims(step_cos, 0), gl.expand_dims(step_sin, 0)
     for t in range(n_tiles):
         stage = t % STAGES
         for c in gl.static_range(BLOCK_M // 32):
@@ -718,17 +730,20 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
                         f_rows = r0 + folded_rows
                         lse = gl.load(Lse + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=_PADDED_LSE)
                         dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=0.0)
-                    # direct phases (two SFU ops per element, beside the consumers' tensor work) rather than a phase
-                    # tile kept in registers: the consumers here need more registers than in the query-stationary
-                    # passes
-                    cos, sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1)
-                                        * (freqs if HALVES == 1 else gl.expand_dims(gl.load(Freqs + ch), 0)))
+                    if HALVES == 2:  # (before the wait below, as the loads)
+                        piece_cos, piece_sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1)
+                                                        * gl.expand_dims(gl.load(Freqs + ch), 0))
                     if c == 0 and piece == 0 and part == 0:
                         mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
                     mu = mu.to(gl.float32)
+                    if HALVES == 1:
+                        qc, qs = mu * cos, mu * sin
+                        cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
+                    else:
+                        qc, qs = mu * (piece_cos * qk_scale), mu * (piece_sin * qk_scale)
                     buffer = stage * HALVES + part
-                    qc_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store((mu * (cos * qk_scale)).to(dtype))
-                    qs_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store((mu * (sin * qk_scale)).to(dtype))
+                    qc_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store(qc.to(dtype))
+                    qs_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store(qs.to(dtype))
                     do_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store(do)
             lse_s.index(stage).slice(c * 32, 32).store(_folded(-lse, dtype))
             dvec_s.index(stage).slice(c * 32, 32).store(_folded(-dvec, dtype))
