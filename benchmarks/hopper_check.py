@@ -7,9 +7,11 @@ this script is its numerical test on an H100:
    kernels (POPE_LM_GLUON=0) and the Gluon ones side by side: a Gluon row must match the Triton row to the printed
    digit, since both build the same halves and differ only in summation order, and so must the "paired" row (the
    forward and the dq pass taking their work in the paired order, which these cases are too small to choose: see
-   flash_hopper._work); then PACKED_CASES, whose q, k and v are views of one projection, as the model passes them
-   (--long-only: only the cases with LONG_KEYS keys or more, --packed-only: only PACKED_CASES, --head-dim: one head
-   dim's);
+   flash_hopper._work). At D <= 64 dk, dv and d delta may differ in the last digit: both dk/dv passes advance the
+   queries' phases by angle addition, in steps of 32 rows in Gluon and of the Triton tile in flash.py, so their
+   rounded halves differ (session 32: nine such digits over the D = 64 cases, both ways). Then PACKED_CASES,
+   whose q, k and v are views of one projection, as the model passes them (--long-only: only the cases with
+   LONG_KEYS keys or more, --packed-only: only PACKED_CASES, --head-dim: one head dim's);
 2. forward and forward+backward time replayed from a CUDA graph at TIMED shapes (or --timed) for the Triton
    kernels, this checkout's Gluon kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g.
    `git show HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first
