@@ -13,12 +13,13 @@ it). The backward passes build their stationary rows from the pre-passes' magnit
               queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
     dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq. At
               D = 128 both consumers hold the same 64 queries, each with half the channels of gc and gs (_dq_rows).
-    dk/dv     queries streamed: the producer builds qc, qs (phases computed directly), stages dO, and -lse, -D as
-              folded rows (_folded); each consumer holds 64 keys: S^T - lse and dP^T - D (both from the tensor
-              cores), dV += P^T dO, gc += dS^T qc, gs += dS^T qs; then dk, dv and d delta. At D = 128, where dV, gc
-              and gs of 64 keys would take 192 registers a thread, both consumers hold the same 64 keys and each
-              accumulates half the channels; the first computes S^T and dS^T, the second dP^T, and they hand them
-              over in shared memory (_dkdv_tile_shared).
+    dk/dv     queries streamed: the producer builds qc, qs (phases by angle addition at D <= 64, computed directly
+              at D = 128: _query_producer), stages dO, and -lse, -D as folded rows (_folded); each consumer holds
+              64 keys: S^T - lse and dP^T - D (both from the tensor cores), dV += P^T dO, gc += dS^T qc,
+              gs += dS^T qs; then dk, dv and d delta. At D = 128, where dV, gc and gs of 64 keys would take 192
+              registers a thread, both consumers hold the same 64 keys and each accumulates half the channels; the
+              first computes S^T and dS^T, the second dP^T, and they hand them over in shared memory
+              (_dkdv_tile_shared).
 
 The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows
 (64 in the backward passes at D = 128).
