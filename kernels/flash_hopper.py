@@ -866,6 +866,22 @@ def _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init
 
 
 @gluon.jit
+def _dkdv_tiles(t0, t1, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k, qring, MASKED: gl.constexpr,
+                CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                HALVES: gl.constexpr, WG: gl.constexpr):
+    """Consumer WG's query tiles t0 .. t1-1: _dkdv_tile's with its own keys, or _dkdv_tile_shared's where the two
+    consumers share their keys (HALVES = 2)."""
+    for t in range(t0, t1):
+        if HALVES == 1:
+            dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc_own.index(WG), ks_own.index(WG), v_own.index(WG), ones, s_init,
+                                    keys, n_k, qring, MASKED, CAUSAL, HEAD_DIM, BLOCK_M, STAGES)
+        else:
+            dv, gc, gs = _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k,
+                                           qring, MASKED, CAUSAL, BLOCK_M, STAGES, WG)
+    return dv, gc, gs
+
+
+@gluon.jit
 def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                    STAGES: gl.constexpr, MASKED_APART: gl.constexpr, HALVES: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG's block of 64 keys by HEAD_DIM // HALVES channels (_dkdv_kernel) against the streamed query tiles:
@@ -921,21 +937,10 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     for t in range(gl.minimum(first, n_tiles)):  # first > n_tiles: keys past every query (padding)
         mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
         mbarrier.arrive(empty.index(t % STAGES), count=1)
-    if HALVES == 1:
-        kc, ks, vk = kc_own.index(WG), ks_own.index(WG), v_own.index(WG)
-        for t in range(first, unmasked):
-            dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, True, CAUSAL, HEAD_DIM,
-                                    BLOCK_M, STAGES)
-        for t in range(unmasked, n_tiles):
-            dv, gc, gs = _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, False, CAUSAL, HEAD_DIM,
-                                    BLOCK_M, STAGES)
-    else:
-        for t in range(first, unmasked):
-            dv, gc, gs = _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k,
-                                           qring, True, CAUSAL, BLOCK_M, STAGES, WG)
-        for t in range(unmasked, n_tiles):
-            dv, gc, gs = _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k,
-                                           qring, False, CAUSAL, BLOCK_M, STAGES, WG)
+    dv, gc, gs = _dkdv_tiles(first, unmasked, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k,
+                             qring, True, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, HALVES, WG)
+    dv, gc, gs = _dkdv_tiles(unmasked, n_tiles, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init, keys, n_k,
+                             qring, False, CAUSAL, HEAD_DIM, BLOCK_M, STAGES, HALVES, WG)
 
     # gc, gs carry the queries' sm_scale log2(e); ln2 leaves sm_scale (flash.py's _polar_grad)
     k, cos, sin = _key_rows(K + c0, freqs, delta, b, h, stride_kb, stride_kh, stride_kn, k0, n_k, CHANNELS, o_mma)
