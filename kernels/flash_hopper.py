@@ -13,13 +13,13 @@ it). The backward passes build their stationary rows from the pre-passes' magnit
               queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
     dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq. At
               D = 128 both consumers hold the same 64 queries, each with half the channels of gc and gs (_dq_rows).
-    dk/dv     queries streamed: the producer builds qc, qs (phases by angle addition at D <= 64, computed directly
-              at D = 128: _query_producer), stages dO, and -lse, -D as folded rows (_folded); each consumer holds
-              64 keys: S^T - lse and dP^T - D (both from the tensor cores), dV += P^T dO, gc += dS^T qc,
-              gs += dS^T qs; then dk, dv and d delta. At D = 128, where dV, gc and gs of 64 keys would take 192
-              registers a thread, both consumers hold the same 64 keys and each accumulates half the channels; the
-              first computes S^T and dS^T, the second dP^T, and they hand them over in shared memory
-              (_dkdv_tile_shared).
+    dk/dv     queries streamed: the producer copies dO into the stage and mu_q into shared memory by cp.async,
+              builds qc, qs from mu_q (phases by angle addition at D <= 64, computed directly at D = 128:
+              _query_producer), and stages -lse, -D as folded rows (_folded); each consumer holds 64 keys:
+              S^T - lse and dP^T - D (both from the tensor cores), dV += P^T dO, gc += dS^T qc, gs += dS^T qs;
+              then dk, dv and d delta. At D = 128, where dV, gc and gs of 64 keys would take 192 registers a
+              thread, both consumers hold the same 64 keys and each accumulates half the channels; the first
+              computes S^T and dS^T, the second dP^T, and they hand them over in shared memory (_dkdv_tile_shared).
 
 The producer's work then runs beside the consumers' instead of before it, and one build serves 128 stationary rows
 (64 in the backward passes at D = 128).
@@ -44,6 +44,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -53,6 +54,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 # triton 3.6 calls the barrier of a warp group's threads thread_barrier, 3.7 and later barrier
 _barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+# cp.async from global to shared memory: async_copy_global_to_shared in triton 3.6, async_load later
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 _TWO_PI_HI = gl.constexpr(6.28125)  # Cody-Waite split of 2 pi, as in flash.py
 _TWO_PI_LO = gl.constexpr(2 * math.pi - 6.28125)
@@ -685,71 +688,98 @@ def _folded(x, dtype: gl.constexpr):
 
 
 @gluon.jit
+def _copy_rows(dst, first_buffer, base, stride_n, r0, n, piece_rows, d, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+               HALVES: gl.constexpr):
+    """cp.async of rows r0 .. r0 + BLOCK_M - 1 of the (rows, HEAD_DIM) matrix at `base` (row stride stride_n) into
+    dst's buffers first_buffer + part, one per channel part; zeros from row n on. len(piece_rows) rows at a time: the
+    addresses of a whole tile would take 64 registers a thread."""
+    CHANNELS: gl.constexpr = HEAD_DIM // HALVES
+    PIECE: gl.constexpr = piece_rows.shape[0]
+    for piece in gl.static_range(BLOCK_M // PIECE):
+        rows = r0 + piece * PIECE + piece_rows
+        for part in gl.static_range(HALVES):
+            _async_load(dst.index(first_buffer + part).slice(piece * PIECE, PIECE),
+                        base + gl.expand_dims(rows * stride_n, 1) + gl.expand_dims(part * CHANNELS + d, 0),
+                        mask=gl.expand_dims(rows < n, 1))
+
+
+@gluon.jit
 def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                     HALVES: gl.constexpr):
     """The query tiles a key block sees, in order: qc, qs (from the prepass's mu_q, at phases t theta with sm_scale
-    log2(e) folded in), dO, and the queries' -lse and -D as folded rows into the ring's stages, 32 rows and HEAD_DIM //
-    HALVES channels at a time (the registers of a 64-row tile would spill); each channel part into buffer
-    stage * HALVES + part (_dkdv_kernel).
+    log2(e) folded in), dO, and the queries' -lse and -D as folded rows into the ring's stages, each channel part into
+    buffer stage * HALVES + part (_dkdv_kernel).
 
-    The phases: with one channel part, those of the next 32 rows are held in registers and advanced 32 rows at a time
-    by angle addition, as flash.py's dk/dv pass and the forward's key producer do (four FMAs an element). This
-    producer bounds the pass, and against phases computed directly (two SFU ops and six more instructions an element)
-    that took 8-12% off it at D = 64. With two parts (D = 128) that state spilled (98-100 local-memory instructions at
-    200/112 registers, 9-31 with the steps in shared memory), so there each piece's are computed directly. fp16 at
-    D = 64 spills 12 in this producer under triton 3.9 (none under 3.6). Session 32 (attention_notes.md)."""
+    This producer bounds the pass (session 32: with its phase math replaced by one multiply the pass took 15-22% less
+    time), so it does as little as it can itself:
+    - dO goes by cp.async straight from global memory into its stage, and mu_q into a staging buffer of two slots one
+      tile ahead (_copy_rows). No load waits in its registers, and no copy takes its instructions: against loading
+      both into registers, the pass -4% to -7% at D = 64 and -3% to -4% at D = 128 (session 33, attention_notes.md).
+    - The phases, with one channel part: those of the next 32 rows are held in registers and advanced 32 rows at a
+      time by angle addition, as flash.py's dk/dv pass and the forward's key producer do (four FMAs an element
+      against two SFU ops and six more instructions computed directly: the pass -8% to -12% at D = 64, session 32).
+      With two parts (D = 128) both parts' state does not fit the 112 registers, with the steps in registers or in
+      shared memory, nor in 8-row pieces without costing what it saves (session 33); there each 16-row piece's
+      phases are computed directly.
+    mu and dO are read PIECE rows and HEAD_DIM // HALVES channels at a time, as many elements a thread at every
+    head dim."""
     (MuQ, DO, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
-     qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
+     qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty, mu_s) = qring
     dtype: gl.constexpr = DO.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     CHANNELS: gl.constexpr = HEAD_DIM // HALVES
-    PIECE: gl.constexpr = 32 // HALVES  # rows of mu and dO at a time: as many elements a thread as at D = 64
+    PIECE: gl.constexpr = 32 // HALVES
     piece_rows = gl.arange(0, PIECE, layout=gl.SliceLayout(1, blocked))
     folded_rows = gl.arange(0, 32, layout=gl.SliceLayout(1, _FOLD))
     d = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, blocked))
+    mu_base = MuQ + bh.to(gl.int64) * n_q * HEAD_DIM  # mu_q is contiguous
+    do_base = DO + b.to(gl.int64) * stride_dob + h * stride_doh
     if HALVES == 1:  # the phases of rows lo .., advanced PIECE rows at a time
         freqs = gl.load(Freqs + d)
         cos, sin = _cos_sin(gl.expand_dims((q_offset + lo + piece_rows).to(gl.float32), 1) * gl.expand_dims(freqs, 0))
         cos, sin = cos * qk_scale, sin * qk_scale
         step_cos, step_sin = _cos_sin(PIECE * freqs)
         step_cos, step_sin = gl.expand_dims(step_cos, 0), gl.expand_dims(step_sin, 0)
+    # Copies in flight, in commit order: mu of tile 0; then for each tile t, dO of t and mu of t + 1 (past the last
+    # tile: none, every row masked). Rows past n_q are zeros (and their P = 0, by their lse).
+    _copy_rows(mu_s, 0, mu_base, HEAD_DIM, lo, n_q, piece_rows, d, HEAD_DIM, BLOCK_M, HALVES)
+    async_copy.commit_group()
     for t in range(n_tiles):
         stage = t % STAGES
+        r0 = lo + t * BLOCK_M
+        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)  # both consumers are done with its last tile
+        _copy_rows(do_s, stage * HALVES, do_base, stride_don, r0, n_q, piece_rows, d, HEAD_DIM, BLOCK_M, HALVES)
+        async_copy.commit_group()
+        _copy_rows(mu_s, (t + 1) % 2 * HALVES, mu_base, HEAD_DIM, r0 + BLOCK_M, gl.where(t + 1 < n_tiles, n_q, 0),
+                   piece_rows, d, HEAD_DIM, BLOCK_M, HALVES)
+        async_copy.commit_group()
+        async_copy.wait_group(2)  # this tile's mu, copied during the last one
+        _barrier()  # (each thread waited for its own copies; it reads others')
         for c in gl.static_range(BLOCK_M // 32):
-            r0 = lo + t * BLOCK_M + c * 32
+            f_rows = r0 + c * 32 + folded_rows
+            lse = gl.load(Lse + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=_PADDED_LSE)
+            dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=0.0)
             for piece in gl.static_range(32 // PIECE):
                 for part in gl.static_range(HALVES):
-                    rows = r0 + piece * PIECE + piece_rows
-                    ok = gl.expand_dims(rows < n_q, 1)  # past the queries: zeros (and P = 0, by their lse)
-                    ch = part * CHANNELS + d
-                    mu = gl.load(MuQ + gl.expand_dims(bh.to(gl.int64) * n_q + rows, 1) * HEAD_DIM
-                                 + gl.expand_dims(ch, 0), mask=ok, other=0.0)
-                    do = gl.load(DO + b.to(gl.int64) * stride_dob + h * stride_doh
-                                 + gl.expand_dims(rows, 1) * stride_don + gl.expand_dims(ch, 0), mask=ok, other=0.0)
-                    if piece == 0 and part == 0:
-                        # lse and D issued, as mu and dO are, before the wait below, so that their latency passes there
-                        f_rows = r0 + folded_rows
-                        lse = gl.load(Lse + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=_PADDED_LSE)
-                        dvec = gl.load(Dvec + bh.to(gl.int64) * n_q + f_rows, mask=f_rows < n_q, other=0.0)
-                    if HALVES == 2:  # (before the wait below, as the loads)
-                        piece_cos, piece_sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1)
-                                                        * gl.expand_dims(gl.load(Freqs + ch), 0))
-                    if c == 0 and piece == 0 and part == 0:
-                        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
+                    mu = mu_s.index(t % 2 * HALVES + part).slice(c * 32 + piece * PIECE, PIECE).load(blocked)
                     mu = mu.to(gl.float32)
                     if HALVES == 1:
                         qc, qs = mu * cos, mu * sin
                         cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
                     else:
+                        rows = r0 + c * 32 + piece * PIECE + piece_rows
+                        piece_cos, piece_sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1)
+                                                        * gl.expand_dims(gl.load(Freqs + part * CHANNELS + d), 0))
                         qc, qs = mu * (piece_cos * qk_scale), mu * (piece_sin * qk_scale)
-                    buffer = stage * HALVES + part
-                    qc_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store(qc.to(dtype))
-                    qs_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store(qs.to(dtype))
-                    do_s.index(buffer).slice(c * 32 + piece * PIECE, PIECE).store(do)
+                    qc_s.index(stage * HALVES + part).slice(c * 32 + piece * PIECE, PIECE).store(qc.to(dtype))
+                    qs_s.index(stage * HALVES + part).slice(c * 32 + piece * PIECE, PIECE).store(qs.to(dtype))
             lse_s.index(stage).slice(c * 32, 32).store(_folded(-lse, dtype))
             dvec_s.index(stage).slice(c * 32, 32).store(_folded(-dvec, dtype))
+        async_copy.wait_group(1)  # this tile's dO
+        _barrier()  # (every thread's copies landed before the one thread that arrives)
         fence_async_shared()
         mbarrier.arrive(ready.index(stage), count=1)
+    async_copy.wait_group(0)
 
 
 @gluon.jit
@@ -771,7 +801,7 @@ def _dkdv_tile(t, dv, gc, gs, kc, ks, vk, ones, s_init, keys, n_k, qring, MASKED
     """A dk/dv consumer's query tile t: S^T - lse, dP^T - D = V dO^T - D (-lse and -D through the products, against
     `ones`: _folded), P^T (masked if MASKED), dV += P^T dO, dS^T = P^T (dP^T - D), gc += dS^T qc and gs += dS^T qs;
     then the stage released."""
-    (_, _, _, _, _, _, _, _, _, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
+    (_, _, _, _, _, _, _, _, _, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty, _) = qring
     op_layout: gl.constexpr = _operand_layout(HEAD_DIM)
     stage = t % STAGES
     mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
@@ -818,7 +848,7 @@ def _dkdv_tile_shared(t, dv, gc, gs, kc_own, ks_own, v_own, ones, handed, s_init
     stage. Each handover is a named barrier. One buffer each suffices: the second refills dP^T only after the first
     has handed back dS^T (so has read dP^T), and the first refills P^T and dS^T only after the second has handed over
     the next dP^T, which it computes after waiting for its products of this tile."""
-    (_, _, _, _, _, _, _, _, _, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty) = qring
+    (_, _, _, _, _, _, _, _, _, q_offset, _, _, _, _, lo, _, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty, _) = qring
     pt_s, dst_s, dpt_s = handed  # P^T and dS^T by query half; dP^T - D (fp32)
     HALF: gl.constexpr = BLOCK_M // 2
     half_mma: gl.constexpr = _wgmma_layout(BLOCK_M // 2)
@@ -889,7 +919,7 @@ def _dkdv_consumer(qring, krows, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, B
     sin gs) ln2 and d delta as flash.py's dk/dv pass."""
     (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_vb, stride_vh,
      stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own, ks_own, v_own, ones_own, handed) = krows
-    _, _, _, _, Freqs, b, h, _, _, q_offset, _, _, _, _, lo, n_tiles, _, _, _, _, _, ready, empty = qring
+    _, _, _, _, Freqs, b, h, _, _, q_offset, _, _, _, _, lo, n_tiles, _, _, _, _, _, ready, empty, _ = qring
     dtype: gl.constexpr = DV.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     CHANNELS: gl.constexpr = HEAD_DIM // HALVES
@@ -1003,7 +1033,8 @@ def _dkdv_kernel(MuQ, MuK, K, V, Freqs, Delta, DO, Lse, Dvec, DK, DV, DDelta,
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # released by both consumers, read or skipped
     qring = (MuQ, DO, Lse, Dvec, Freqs, bh // n_heads, bh % n_heads, bh, n_q, q_offset, qk_scale, stride_dob,
-             stride_doh, stride_don, lo, n_tiles, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty)
+             stride_doh, stride_don, lo, n_tiles, qc_s, qs_s, do_s, lse_s, dvec_s, ready, empty,
+             gl.allocate_shared_memory(dtype, [2 * HALVES, BLOCK_M, CHANNELS], q_layout))  # mu_q's staging slots
     # mu_k is contiguous
     krows = (K, MuK, V, DK, DV, DDelta, Delta, stride_kb, stride_kh, stride_kn, n_heads * n_k * HEAD_DIM,
              n_k * HEAD_DIM, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn, n_k, start_n, kc_own,
