@@ -714,13 +714,13 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
     time), so it does as little as it can itself:
     - dO goes by cp.async straight from global memory into its stage, and mu_q into a staging buffer of two slots one
       tile ahead (_copy_rows). No load waits in its registers, and no copy takes its instructions: against loading
-      both into registers, the pass -4% to -7% at D = 64 and -3% to -4% at D = 128 (session 33, attention_notes.md).
+      both into registers, the pass -5% to -7% at D = 64 and -3% to -4% at D = 128 (session 33, attention_notes.md).
     - The phases, with one channel part: those of the next 32 rows are held in registers and advanced 32 rows at a
       time by angle addition, as flash.py's dk/dv pass and the forward's key producer do (four FMAs an element
       against two SFU ops and six more instructions computed directly: the pass -8% to -12% at D = 64, session 32).
-      With two parts (D = 128) both parts' state does not fit the 112 registers, with the steps in registers or in
-      shared memory, nor in 8-row pieces without costing what it saves (session 33); there each 16-row piece's
-      phases are computed directly.
+      With two parts (D = 128) both parts' state needs 120 registers here, and at 192 triton 3.9's first consumer
+      spills; in 8-row pieces it fits, but costs what it saves (session 33). There each 16-row piece's phases are
+      computed directly.
     mu and dO are read PIECE rows and HEAD_DIM // HALVES channels at a time, as many elements a thread at every
     head dim."""
     (MuQ, DO, Lse, Dvec, Freqs, b, h, bh, n_q, q_offset, qk_scale, stride_dob, stride_doh, stride_don, lo, n_tiles,
