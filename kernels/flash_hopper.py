@@ -767,6 +767,7 @@ def _query_producer(qring, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES
                         qc, qs = mu * cos, mu * sin
                         cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
                     else:
+                        # (the frequencies reloaded each piece: held for both parts, they spill)
                         rows = r0 + c * 32 + piece * PIECE + piece_rows
                         piece_cos, piece_sin = _cos_sin(gl.expand_dims((q_offset + rows).to(gl.float32), 1)
                                                         * gl.expand_dims(gl.load(Freqs + part * CHANNELS + d), 0))
