@@ -5,9 +5,9 @@ this script is its numerical test on an H100:
 1. for each case of CASES (odd lengths, Nq < Nk with q_offset, one query, non-causal, fp16, the sharp q, k x 16 case,
    D = 32, 64 and 128) the relative errors of out, dq, dk, dv and d delta against the float64 reference, for the Triton
    kernels (POPE_LM_GLUON=0) and the Gluon ones side by side: a Gluon row must match the Triton row to the printed
-   digit, since both build the same halves and differ only in summation order, and so must the "paired" row (the
-   forward and the dq pass taking their work in the paired order, which these cases are too small to choose: see
-   flash_hopper._work). At D <= 64 dk, dv and d delta may differ in the last digit: both dk/dv passes advance the
+   digit, since both build the same halves and differ only in summation order, and so must the "paired" and "listed"
+   rows (the forward and the dq pass taking their work in those orders, which these cases are too small to choose:
+   see flash_hopper._work). At D <= 64 dk, dv and d delta may differ in the last digit: both dk/dv passes advance the
    queries' phases by angle addition, in steps of 32 rows in Gluon and of the Triton tile in flash.py, so their
    rounded halves differ (session 32: nine such digits over the D = 64 cases, both ways). Then PACKED_CASES,
    whose q, k and v are views of one projection, as the model passes them (--long-only: only the cases with
@@ -175,10 +175,12 @@ def time_passes(shapes, variants) -> None:
                       flush=True)
 
 
-def paired_order():
-    """This checkout's Gluon kernels, the forward and the dq pass always in the paired order (flash_hopper._work)."""
+def head_major_order(listed: bool):
+    """This checkout's Gluon kernels, the forward and the dq pass always in a head-major order (flash_hopper._work):
+    the listed one where causal (work_order.choose), else the paired one."""
     module = load_revision(Path(flash.flash_hopper.__file__))
     module.KEYS_IN_L2 = 0.0
+    module.LISTED_GAIN = -math.inf if listed else math.inf
     return module
 
 
@@ -211,7 +213,8 @@ def main() -> None:
     for path in args.revision:
         variants[path.stem] = load_revision(path)
     if args.checks:  # this checkout's kernels, in both orders of work; the revisions are timed only
-        checked = {name: variants[name] for name in ("triton", "gluon")} | {"paired": paired_order()}
+        checked = {name: variants[name] for name in ("triton", "gluon")} | {
+            "paired": head_major_order(listed=False), "listed": head_major_order(listed=True)}
         cases, packed_cases = ([case for case in group if args.head_dim in (None, case[0])]
                                for group in (CASES, PACKED_CASES))
         if args.long_only:

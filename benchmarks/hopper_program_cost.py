@@ -73,7 +73,8 @@ def pass_times(b: int, h: int, n: int, hopper=flash.flash_hopper, peers: bool = 
 def load_revision(path: Path):
     """Another revision's kernels/flash_hopper.py as a module of its own (its passes must take this checkout's
     arguments)."""
-    spec = importlib.util.spec_from_file_location(f"flash_hopper_{path.stem}", path)
+    # named inside pope_lm.kernels, so that its relative imports (work_order) resolve to this checkout's modules
+    spec = importlib.util.spec_from_file_location(f"pope_lm.kernels.flash_hopper_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # Gluon reads the kernels' source from the file
     return module

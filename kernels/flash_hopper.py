@@ -52,6 +52,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from . import work_order
+
 # triton 3.6 calls the barrier of a warp group's threads thread_barrier, 3.7 and later barrier
 _barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 # cp.async from global to shared memory: async_copy_global_to_shared in triton 3.6, async_load later
@@ -149,11 +151,14 @@ LONG_KEYS = 2048
 LONG_CONFIGS = {
     ("fwd", 64): Config(block_n=128, stages=2, consumer_regs=184, producer_regs=136, build_rows=32, persistent=True),
 }
-# The forward and the dq pass take their work in the paired order (_work) where the keys and values of all heads
-# outgrow this share of L2, since the snaking order's programs read every head's keys at once. Session 20
-# (attention_notes.md): snaking lost 2.4-2.6% fwd+bwd at (1, 16, 16384) (64 MiB) against head-major programs, and its
-# dq pass 4% at (16, 12, 1024) (48 MiB) against the paired order; at 24-28 MiB the two orders tied.
+# The forward and the dq pass take their work in a head-major order (paired or listed: _work, work_order.py) where the
+# keys and values of all heads outgrow this share of L2, since the snaking order's programs read every head's keys at
+# once. Session 20 (attention_notes.md): snaking lost 2.4-2.6% fwd+bwd at (1, 16, 16384) (64 MiB) against head-major
+# programs, and its dq pass 4% at (16, 12, 1024) (48 MiB) against the paired order; at 24-28 MiB the two orders tied.
 KEYS_IN_L2 = 0.75
+# Of the two head-major orders, the listed one where work_order's cost model has its programs end at least this
+# fraction sooner than the paired one's.
+LISTED_GAIN = 0.01
 _MAXNREG = 168  # 3 warpgroups x 128 threads x 168 = 64,512 of the SM's 65,536 registers
 
 
@@ -253,9 +258,10 @@ def _release_unread(ready, first, n_tiles, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, n_blocks, n_k, q_offset,
-          HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The program's ring of key tiles: the producer's inputs, the work's extent, the stages and their mbarriers."""
+def _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, n_blocks, n_k, q_offset, Listed,
+          listed_rounds, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The program's ring of key tiles: the producer's inputs, the work's extent and order (Listed, listed_rounds: the
+    LISTED order's table, _work), the stages and their mbarriers."""
     dtype: gl.constexpr = V.dtype.element_ty
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     kc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
@@ -265,38 +271,53 @@ def _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_cou
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     return (MuK, V, Freqs, Delta, n_heads, bh_count, n_blocks, n_k, q_offset, stride_vb, stride_vh, stride_vn, kc_s,
-            ks_s, v_s, ready)
+            ks_s, v_s, ready, Listed, listed_rounds)
+
+
+_PAIRED = gl.constexpr(work_order.PAIRED)
+_LISTED = gl.constexpr(work_order.LISTED)
 
 
 @gluon.jit
-def _units(ring, PAIRED: gl.constexpr):
-    """How many units of work there are: blocks of query rows (_work) of every batch and head, or if paired, pairs of
-    them."""
-    return ring[5] * (gl.cdiv(ring[6], 2) if PAIRED else ring[6])
+def _units(ring, ORDER: gl.constexpr):
+    """How many units of work there are: blocks of query rows (_work) of every batch and head, or in the paired order
+    pairs of them."""
+    return ring[5] * (gl.cdiv(ring[6], 2) if ORDER == _PAIRED else ring[6])
 
 
 @gluon.jit
-def _rounds(ring, PAIRED: gl.constexpr):
+def _rounds(ring, ORDER: gl.constexpr):
     """How many rounds this program loops over, one work item a round (the last ones may be past the work: _work)."""
-    return (2 if PAIRED else 1) * gl.cdiv(_units(ring, PAIRED), gl.num_programs(0))
+    if ORDER == _LISTED:
+        rounds = ring[17]
+    else:
+        rounds = (2 if ORDER == _PAIRED else 1) * gl.cdiv(_units(ring, ORDER), gl.num_programs(0))
+    return rounds
 
 
 @gluon.jit
-def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, PAIRED: gl.constexpr, HALVES: gl.constexpr):
+def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, ORDER: gl.constexpr, HALVES: gl.constexpr):
     """Round r's work item of this program: whether there is one, its first query row, batch and head, and key tiles.
     An item is a block of 128 query rows, or of 64 where the dq pass's consumers split the channels (HALVES = 2:
     _dq_rows).
 
-    Each program (one per SM, or one per unit of work) takes items in one of two orders, both evening out the long
-    and short items of causal attention between programs:
-    - snaking (not PAIRED): one item a round, block-major, the p-th item in even rounds and the p-th from the end in
-      odd ones. Causal: the last query blocks see the most keys and come first, so that the short ones fill the tail.
-      The programs of a round read every head's keys: best where all of them stay in L2.
-    - PAIRED: one pair of blocks m and n_blocks - 1 - m of one head every two rounds, the long one first,
-      head-major. Each pair costs about the same, and the programs of a round read the keys of a few heads only."""
+    Each program (one per SM, or one per unit of work) takes items in one of three orders (work_order.py says which
+    suits which shapes), all evening out the long and short items of causal attention between programs:
+    - snaking (work_order.SNAKING): one item a round, block-major, the p-th item in even rounds and the p-th from the
+      end in odd ones. Causal: the last query blocks see the most keys and come first, so that the short ones fill
+      the tail. The programs of a round read every head's keys: best where all of them stay in L2.
+    - _PAIRED: one pair of blocks m and n_blocks - 1 - m of one head every two rounds, the long one first,
+      head-major. Each pair costs about the same, and the programs of a round read the keys of a few heads only.
+    - _LISTED: round r's entry of this program in the host's table (work_order.choose): bh * n_blocks + m, or -1
+      past the program's last item."""
     n_heads, bh_count, n_blocks, n_k, q_offset = ring[4], ring[5], ring[6], ring[7], ring[8]
-    g, pid, units = gl.num_programs(0), gl.program_id(0), _units(ring, PAIRED)
-    if PAIRED:  # unit u: the pair (n_blocks - 1 - j, j) of head u // half
+    g, pid, units = gl.num_programs(0), gl.program_id(0), _units(ring, ORDER)
+    if ORDER == _LISTED:
+        item = gl.load(ring[16] + r * g + pid)
+        valid = item >= 0
+        m = gl.maximum(item, 0) % n_blocks
+        bh = gl.maximum(item, 0) // n_blocks
+    elif ORDER == _PAIRED:  # unit u: the pair (n_blocks - 1 - j, j) of head u // half
         half = gl.cdiv(n_blocks, 2)
         u = r // 2 * g + pid
         j = u % half
@@ -314,20 +335,20 @@ def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, PAIRED: gl.const
 
 
 @gluon.jit
-def _producer(ring, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+def _producer(ring, CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr):
     """The key tiles of the program's work items in order: kc, ks and V into the ring's stages, BUILD_ROWS rows at a
     time. The ring runs on across items: the next item's first tiles are built while the consumers finish the last
     one's (their epilogue and the next prologue)."""
-    (MuK, V, Freqs, Delta, _, _, _, n_k, _, stride_vb, stride_vh, stride_vn, kc_s, ks_s, v_s, ready) = ring
+    (MuK, V, Freqs, Delta, _, _, _, n_k, _, stride_vb, stride_vh, stride_vn, kc_s, ks_s, v_s, ready, _, _) = ring
     dtype: gl.constexpr = V.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     key_rows = gl.arange(0, BUILD_ROWS, layout=gl.SliceLayout(1, blocked))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blocked))
-    rounds = _rounds(ring, PAIRED)
+    rounds = _rounds(ring, ORDER)
     done = 0  # tiles of the earlier items: the ring's position
     for r in range(rounds):
-        valid, _, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED, HALVES)
+        valid, _, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, ORDER, HALVES)
         if valid:
             # key phases s theta + delta of the first rows, advanced BUILD_ROWS rows at a time by angle addition (as
             # flash.py); the frequencies reloaded for each item rather than held in registers between items
@@ -448,14 +469,14 @@ def _scores(qc, qs, kc_s, ks_s, stage, s_init):
 
 
 @gluon.jit
-def _consumer(ring, rows, CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+def _consumer(ring, rows, CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, WG: gl.constexpr, DQ: gl.constexpr, HALVES: gl.constexpr):
     """Warpgroup WG's 64 query rows of each of the program's work items: the dq pass's (_dq_rows) if DQ, else the
     forward's (_fwd_rows). (Gluon's partitions take no function as an argument.)"""
-    rounds = _rounds(ring, PAIRED)
+    rounds = _rounds(ring, ORDER)
     done = 0  # tiles of the earlier items: the ring's position
     for r in range(rounds):
-        valid, start_m, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, PAIRED, HALVES)
+        valid, start_m, b, h, bh, n_tiles = _work(ring, r, CAUSAL, BLOCK_N, ORDER, HALVES)
         if valid:
             if DQ:
                 _dq_rows(ring, rows, done, start_m + (64 * WG if HALVES == 1 else 0), b, h, bh, n_tiles, CAUSAL,
@@ -521,22 +542,22 @@ def _fwd_rows(ring, rows, done, r0, b, h, bh, n_tiles, CAUSAL: gl.constexpr, HEA
 
 
 @gluon.jit
-def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse,
+def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse, Listed,
                 stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                n_heads, bh_count, n_q, n_k, q_offset, qk_scale,
-                CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                n_heads, bh_count, n_q, n_k, q_offset, listed_rounds, qk_scale,
+                CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                 PRODUCER_REGS: gl.constexpr):
     ring = _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, gl.cdiv(n_q, 128), n_k,
-                 q_offset, HEAD_DIM, BLOCK_N, STAGES)
+                 q_offset, Listed, listed_rounds, HEAD_DIM, BLOCK_N, STAGES)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], Q.dtype.element_ty)
     qc_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
     qs_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
     rows = (Q, Out, Lse, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n_q, qk_scale, qc_s, qs_s)
     # Gluon hands constexprs to a partition only as direct elements of its argument tuple
-    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0, False, 1)),
-                        (_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1, False, 1)),
-                        (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, 1))],
+    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, 0, False, 1)),
+                        (_consumer, (ring, rows, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, 1, False, 1)),
+                        (_producer, (ring, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, 1))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -636,18 +657,18 @@ def _channels(tile, part, HALVES: gl.constexpr):
 
 
 @gluon.jit
-def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
+def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ, Listed,
                stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
-               n_heads, bh_count, n_q, n_k, q_offset, sm_scale, qk_scale,
-               CAUSAL: gl.constexpr, PAIRED: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+               n_heads, bh_count, n_q, n_k, q_offset, listed_rounds, sm_scale, qk_scale,
+               CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                PRODUCER_REGS: gl.constexpr):
     # HALVES = 1: each consumer owns 64 query rows at every channel (128 rows an item). HALVES = 2 (D = 128, where gc
     # and gs of 64 rows at every channel would take 128 registers a thread): both consumers take the same 64 rows,
     # each owning half the channels of gc and gs; each computes the whole S and dP (_dq_rows).
     ring = _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count,
-                 gl.cdiv(n_q, 128 // HALVES), n_k, q_offset, HEAD_DIM, BLOCK_N, STAGES)
+                 gl.cdiv(n_q, 128 // HALVES), n_k, q_offset, Listed, listed_rounds, HEAD_DIM, BLOCK_N, STAGES)
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
     qc_s = gl.allocate_shared_memory(dtype, [2 // HALVES, 64, HEAD_DIM], q_layout)  # by consumer, or shared
@@ -657,9 +678,9 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ,
     rows = (Q, MuQ, Out, DO, Lse, Dvec, DQ, stride_qb, stride_qh, stride_qn, n_heads * n_q * HEAD_DIM, n_q * HEAD_DIM,
             stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
             n_q, qk_scale, sm_scale, qc_s, qs_s, do_s)
-    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 0, True, HALVES)),
-                        (_consumer, (ring, rows, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, 1, True, HALVES)),
-                        (_producer, (ring, CAUSAL, PAIRED, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, HALVES))],
+    gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, 0, True, HALVES)),
+                        (_consumer, (ring, rows, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, 1, True, HALVES)),
+                        (_producer, (ring, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, HALVES))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -1077,17 +1098,50 @@ def channel_parts(kernel: str, head_dim: int) -> int:
     return 2 if kernel != "fwd" and head_dim > 64 else 1
 
 
-def _schedule(kernel: str, q: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int], bool]:
-    """The forward's or the dq pass's grid and order (_work): paired where the keys and values of all heads outgrow
-    L2 (KEYS_IN_L2 of it), one program per SM (only one fits, by its registers) if the configuration is persistent and
-    there are more units of work, else one per unit."""
+def _schedule(kernel: str, q: torch.Tensor, v: torch.Tensor, causal: bool,
+              q_offset: int) -> tuple[tuple[int], int, torch.Tensor, int]:
+    """The forward's or the dq pass's grid, order of work (_work), and the listed order's table and rounds.
+
+    The order: snaking where the keys and values of all heads fit in L2 (KEYS_IN_L2 of it), else listed where
+    work_order.choose says so, else paired. One program per SM (only one fits, by its registers) if the configuration
+    is persistent and there are more units of work, else one per unit. In the orders without a table the kernel gets
+    q there, unread, and 0 rounds (an int 0 for the table made ptxas spill 2 in the D = 128 dq pass)."""
     batch, heads, n_q, head_dim = q.shape
-    blocks = triton.cdiv(n_q, BLOCK_M // channel_parts(kernel, head_dim))
+    n_k = v.shape[2]
+    rows = BLOCK_M // channel_parts(kernel, head_dim)
+    blocks = triton.cdiv(n_q, rows)
     properties = _properties(q.device.index)
-    paired = bool(2 * v.numel() * v.element_size() > KEYS_IN_L2 * properties.L2_cache_size)
-    units = batch * heads * (triton.cdiv(blocks, 2) if paired else blocks)
-    persistent = config(kernel, head_dim, v.shape[2]).persistent
-    return (min(units, properties.multi_processor_count) if persistent else units,), paired
+    c = config(kernel, head_dim, n_k)
+    keys_bytes = 2 * v.numel() * v.element_size()
+    l2_budget = KEYS_IN_L2 * properties.L2_cache_size
+    order, listed = work_order.SNAKING, None
+    if keys_bytes > l2_budget:
+        order = work_order.PAIRED
+        programs = min(batch * heads * blocks, properties.multi_processor_count)
+        key = (q.device.index, batch * heads, blocks, rows, n_k, q_offset, causal, c.block_n, programs,
+               keys_bytes // (batch * heads), l2_budget)
+        if c.persistent and (key in _LISTED_TABLES or not torch.cuda.is_current_stream_capturing()):
+            listed = _listed_table(key)
+    if listed is not None:
+        return (listed.shape[1],), work_order.LISTED, listed, listed.shape[0]
+    units = batch * heads * (triton.cdiv(blocks, 2) if order == work_order.PAIRED else blocks)
+    return (min(units, properties.multi_processor_count) if c.persistent else units,), order, q, 0
+
+
+# The listed order's tables by launch (_listed_table's key), kept for the process: a few KiB each, and a CUDA
+# graph that replays a launch reads its table there. A shape first met while a graph is being captured takes the
+# paired order instead (_schedule), since the host cannot copy a table to the GPU then.
+_LISTED_TABLES: dict[tuple, torch.Tensor | None] = {}
+
+
+def _listed_table(key: tuple) -> torch.Tensor | None:
+    """work_order.choose's table (rounds, programs), int32 on the GPU, for key = (device index, choose's arguments up
+    to min_gain); None where it chose the paired order."""
+    if key not in _LISTED_TABLES:
+        order, table = work_order.choose(*key[1:], LISTED_GAIN)
+        _LISTED_TABLES[key] = (torch.tensor(table, dtype=torch.int32, device=f"cuda:{key[0]}")
+                               if order == work_order.LISTED else None)
+    return _LISTED_TABLES[key]
 
 
 @functools.cache
@@ -1101,10 +1155,10 @@ def forward(q: torch.Tensor, mu_k: torch.Tensor, v: torch.Tensor, freqs: torch.T
     contiguous, delta (H, D) contiguous; writes out (B, H, Nq, D), unit last stride, and lse (B, H, Nq), log2 units,
     as flash.py's."""
     batch, heads, n_q, head_dim = q.shape
-    grid, paired = _schedule("fwd", q, v)
+    grid, order, listed, listed_rounds = _schedule("fwd", q, v, causal, q_offset)
     _fwd_kernel[grid](
-        q, mu_k, v, freqs, delta, out, lse, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads, batch * heads,
-        n_q, v.shape[2], q_offset, qk_scale, CAUSAL=causal, PAIRED=paired,
+        q, mu_k, v, freqs, delta, out, lse, listed, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads,
+        batch * heads, n_q, v.shape[2], q_offset, listed_rounds, qk_scale, CAUSAL=causal, ORDER=order,
         **launch_options("fwd", head_dim, v.shape[2], q.dtype == torch.float16))
 
 
@@ -1115,11 +1169,11 @@ def dq_pass(q: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, v: torch.Te
     prepass, out and dout (unit last stride) and lse (B, H, Nq); writes dvec = rowsum(dout * out) (B, H, Nq)
     contiguous, which the dk/dv pass reads, and dq (B, H, Nq, D, unit last stride)."""
     batch, heads, n_q, head_dim = q.shape
-    grid, paired = _schedule("dq", q, v)
+    grid, order, listed, listed_rounds = _schedule("dq", q, v, causal, q_offset)
     _dq_kernel[grid](
-        q, mu_q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq, *q.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *dout.stride()[:3], *dq.stride()[:3], heads, batch * heads, n_q, v.shape[2], q_offset, sm_scale,
-        sm_scale * math.log2(math.e), CAUSAL=causal, PAIRED=paired,
+        q, mu_q, mu_k, v, freqs, delta, out, dout, lse, dvec, dq, listed, *q.stride()[:3], *v.stride()[:3],
+        *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3], heads, batch * heads, n_q, v.shape[2], q_offset,
+        listed_rounds, sm_scale, sm_scale * math.log2(math.e), CAUSAL=causal, ORDER=order,
         **launch_options("dq", head_dim, v.shape[2], q.dtype == torch.float16))
 
 

@@ -1,8 +1,9 @@
 """Compile a kernel of kernels/flash_hopper.py for sm_90a on any machine and report what ptxas made of it.
 
-    python tests/hopper_compile.py KERNEL(fwd|dq|dkdv) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16) [N_K [PAIRED(0|1)]]
+    python tests/hopper_compile.py KERNEL(fwd|dq|dkdv) HEAD_DIM CAUSAL(0|1) DTYPE(bf16|fp16) [N_K [ORDER(0|1|2)]]
 
-N_K (default 1) picks the configuration flash_hopper.config gives that many keys.
+N_K (default 1) picks the configuration flash_hopper.config gives that many keys; ORDER (default 0) the forward's and
+dq pass's order of work, work_order.SNAKING, PAIRED or LISTED.
 
 Prints one JSON line: shared memory bytes, local-memory (spill) instructions, wgmma and mbarrier instruction
 counts, and the named barriers the compiler itself uses (those with a constant id; the key ring's own take theirs
@@ -22,7 +23,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from pope_lm.kernels import flash_hopper
+from pope_lm.kernels import flash_hopper, work_order
 
 # Triton's divisibility hints at launch: pointers from the torch allocator and row strides (multiples of D) are
 # multiples of 16; the compiled code (vector widths) depends on them.
@@ -31,17 +32,20 @@ KERNELS = {"fwd": flash_hopper._fwd_kernel, "dq": flash_hopper._dq_kernel, "dkdv
 FP32 = ("Freqs", "Delta", "Lse", "Dvec", "DDelta", "sm_scale", "qk_scale")
 
 
-def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1, paired: bool = False):
+def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1,
+                     order: int = work_order.SNAKING):
     kernel = KERNELS[kernel_name]
     launch = flash_hopper.launch_options(kernel_name, head_dim, n_k, dtype == "fp16")
     constexprs = {name: value for name, value in launch.items() if name.isupper()} | {"CAUSAL": causal}
-    if "PAIRED" in kernel.arg_names:  # the forward's and the dq pass's order of work (flash_hopper._work)
-        constexprs["PAIRED"] = paired
+    if "ORDER" in kernel.arg_names:  # the forward's and the dq pass's order of work (flash_hopper._work)
+        constexprs["ORDER"] = order
     options = {name: value for name, value in launch.items() if not name.isupper()}
     pointers = [name for name in kernel.arg_names if name[0].isupper() and name not in constexprs]
+    # the listed order's table, int32; in the other orders flash_hopper passes q there, unread
+    int32 = ("Listed",) if order == work_order.LISTED else ()
     signature = {name: "constexpr" if name in constexprs
-                 else ("*" if name in pointers else "") + ("fp32" if name in FP32 else dtype if name in pointers
-                                                           else "i32")
+                 else ("*" if name in pointers else "") + ("fp32" if name in FP32 else "i32" if name in int32
+                                                           else dtype if name in pointers else "i32")
                  for name in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if name in pointers or name.startswith("stride")}
@@ -60,8 +64,8 @@ def sass_of(cubin: bytes) -> str:
 def main() -> None:
     kernel_name, head_dim, causal, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
     n_k = int(sys.argv[5]) if len(sys.argv) > 5 else 1
-    paired = len(sys.argv) > 6 and sys.argv[6] == "1"
-    compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype, n_k, paired)
+    order = int(sys.argv[6]) if len(sys.argv) > 6 else work_order.SNAKING
+    compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype, n_k, order)
     instructions = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass_of(compiled.asm["cubin"]).splitlines()
                     if line.strip().startswith("/*") and "*/" in line]
     words = [ins.split()[1:] if ins.startswith("@") else ins.split() for ins in instructions if ins]

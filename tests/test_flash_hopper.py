@@ -17,36 +17,39 @@ from pathlib import Path
 
 import pytest
 
-from pope_lm.kernels import flash
+from pope_lm.kernels import flash, work_order
 
 flash_hopper = flash.flash_hopper
 SMEM_PER_BLOCK = 227 * 1024  # an H100's shared memory per thread block
 
 
-def compiled_for_sm90(kernel: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1, paired: bool = False) -> dict:
+def compiled_for_sm90(kernel: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1,
+                     order: int = work_order.SNAKING) -> dict:
     # in a process of its own: the tests' TRITON_INTERPRET=1 (conftest.py) breaks Gluon's compilation
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), kernel, str(head_dim),
-                             str(int(causal)), dtype, str(n_k), str(int(paired))], capture_output=True, text=True,
+                             str(int(causal)), dtype, str(n_k), str(order)], capture_output=True, text=True,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 
 
 # every configuration flash.py launches, by the keys that select it (a causal-only one never for non-causal attention:
-# flash_hopper.handles), the forward and the dq pass in both their orders of work (flash_hopper._work)
-LAUNCHED = [(kernel, head_dim, n_k, causal, dtype, paired)
+# flash_hopper.handles), the forward and the dq pass in each of their orders of work (flash_hopper._work; the listed
+# one causal only: work_order.choose)
+LAUNCHED = [(kernel, head_dim, n_k, causal, dtype, order)
             for configs, n_k in (((flash_hopper.CONFIGS, 1), (flash_hopper.LONG_CONFIGS, flash_hopper.LONG_KEYS))
                                  if flash_hopper else ())
             for (kernel, head_dim), config in sorted(configs.items())
             for causal, dtype in ((True, "bf16"), (False, "fp16")) if causal or not config.causal_only
-            for paired in ((False,) if kernel == "dkdv" else (False, True))]
+            for order in ((work_order.SNAKING,) if kernel == "dkdv" else
+                          (work_order.SNAKING, work_order.PAIRED) + ((work_order.LISTED,) if causal else ()))]
 
 
 @pytest.mark.skipif(flash_hopper is None, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("kernel, head_dim, n_k, causal, dtype, paired", LAUNCHED)
-def test_hopper_kernels_compile_for_sm90_without_spills(kernel, head_dim, n_k, causal, dtype, paired):
-    report = compiled_for_sm90(kernel, head_dim, causal, dtype, n_k, paired)
+@pytest.mark.parametrize("kernel, head_dim, n_k, causal, dtype, order", LAUNCHED)
+def test_hopper_kernels_compile_for_sm90_without_spills(kernel, head_dim, n_k, causal, dtype, order):
+    report = compiled_for_sm90(kernel, head_dim, causal, dtype, n_k, order)
     assert report["wgmma"] > 0 and report["mbarrier"] > 0, report  # the warp-specialized kernel it should be
     assert report["local_memory"] == 0, f"{kernel} D={head_dim} {n_k} keys: registers spill to local memory: {report}"
     assert report["shared"] <= SMEM_PER_BLOCK, report
