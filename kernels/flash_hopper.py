@@ -9,8 +9,8 @@ warpgroups (warp specialization): a producer fills a ring of shared-memory stage
 in the forward and dq pass, an mbarrier in the dk/dv pass; the producer refills a stage once both consumers released
 it). The backward passes build their stationary rows from the pre-passes' magnitudes (mu_q, mu_k), not by a softplus.
 
-    forward   keys streamed: the producer builds kc = mu_k cos, ks = mu_k sin and stages V; each consumer holds 64
-              queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
+    forward   keys streamed: the producer builds kc = mu_k cos, ks = mu_k sin and copies V by cp.async; each
+              consumer holds 64 queries: S = qc kc^T + qs ks^T, online softmax, O += P V.
     dq pass   the same producer; consumers: S, dP = dO V^T, dS = P (dP - D), gc += dS kc, gs += dS ks; then dq. At
               D = 128 both consumers hold the same 64 queries, each with half the channels of gc and gs (_dq_rows).
     dk/dv     queries streamed: the producer copies dO into the stage and mu_q into shared memory by cp.async,
@@ -110,24 +110,26 @@ class Config:
 
 # By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, sessions 11 and 19-20);
 # tests/test_flash_hopper.py checks that each compiles without spills, which depends on Triton's version (ptxas's
-# too): these compile clean with triton 3.9 (CI's). With triton 3.6 (the GPU image's) the persistent passes spill a
-# few local-memory instructions outside causal bf16 at D = 64 (2 to 16: non-causal, fp16) and in the long forward's
-# snaking order (6), and the D = 128 forward for non-causal fp16 (33).
+# too): these compile clean with triton 3.9 (CI's). With triton 3.6 (the GPU image's) the dq pass spills a few
+# local-memory instructions at D = 64 outside causal bf16 (4 to 18: non-causal, fp16), and 38 to 73 at D = 128; the
+# forward is clean (session 34).
 CONFIGS = {
     ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
                         fp16_regs=(168, 168)),
     # D = 128: forward -30% at (4, 16, 2048) and -31% at (1, 16, 8192) against flash.py's, fwd+bwd -6%; at 192/128
-    # registers the forward took 9% longer (attention_notes.md, session 31)
-    ("fwd", 128): Config(block_n=64, stages=2, consumer_regs=184, producer_regs=144, persistent=True, build_rows=16),
+    # registers the forward took 9% longer (attention_notes.md, session 31); the producer's 144 spilled (triton 3.9,
+    # non-causal fp16) once it copied V by cp.async, 136 does not (session 34)
+    ("fwd", 128): Config(block_n=64, stages=2, consumer_regs=184, producer_regs=136, persistent=True, build_rows=16),
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
                        fp16_regs=(168, 168)),
     # D = 128, the consumers splitting the channels (_dq_rows): fwd+bwd -7% at (4, 16, 2048) and -2% at (1, 16, 8192)
-    # against flash.py's dq pass. Spill-free under triton 3.9; under 3.6 it spills 52-88 local-memory instructions at
-    # every split tried (attention_notes.md, session 30).
+    # against flash.py's dq pass. Spill-free under triton 3.9 (fp16: 160/184 spilled once the producer copied V by
+    # cp.async, session 34); under 3.6 it spills 38-88 local-memory instructions at every split tried
+    # (attention_notes.md, sessions 30 and 34).
     ("dq", 128): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True, build_rows=16,
-                        fp16_regs=(160, 184)),
+                        fp16_regs=(168, 168)),
     # 64-query tiles, which the folded rows (_folded) make fit: the pass -2% at the pretraining shape to -6% at
     # (1, 12, 10240) at D = 64 against 32-query tiles with lse and D staged in the ring and loaded by the consumers,
     # fwd+bwd -4% and -7% at D = 32 against 32-query tiles whose consumers loaded them from global memory (folded at
@@ -143,13 +145,14 @@ CONFIGS = {
                           masked_apart=True),
 }
 # From LONG_KEYS keys on, by pass and head dim: 128-key tiles in the forward (one wait, softmax step and release per
-# 128 keys), the producer building them 32 rows at a time (its phase registers), so that each consumer gets 184.
+# 128 keys), the producer building them 32 rows at a time (its phase registers), so that each consumer gets 184 (the
+# producer's 136 spilled under triton 3.9 once it copied V by cp.async, 128 does not: session 34).
 # Forward -4% at (8, 12, 2048), -10% at (1, 12, 10240); +5% at the pretraining shape (16, 12, 1024), where each
 # program streams few tiles (+6% there even with the masked half of a consumer's last tile skipped), hence the
 # threshold (attention_notes.md, sessions 16 and 17).
 LONG_KEYS = 2048
 LONG_CONFIGS = {
-    ("fwd", 64): Config(block_n=128, stages=2, consumer_regs=184, producer_regs=136, build_rows=32, persistent=True),
+    ("fwd", 64): Config(block_n=128, stages=2, consumer_regs=184, producer_regs=128, build_rows=32, persistent=True),
 }
 # The forward and the dq pass take their work in a head-major order (paired or listed: _work, work_order.py) where the
 # keys and values of all heads outgrow this share of L2, since the snaking order's programs read every head's keys at
@@ -337,9 +340,13 @@ def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, ORDER: gl.conste
 @gluon.jit
 def _producer(ring, CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr):
-    """The key tiles of the program's work items in order: kc, ks and V into the ring's stages, BUILD_ROWS rows at a
-    time. The ring runs on across items: the next item's first tiles are built while the consumers finish the last
-    one's (their epilogue and the next prologue)."""
+    """The key tiles of the program's work items in order: kc and ks built into the ring's stages BUILD_ROWS rows at a
+    time, V copied by cp.async (issued with a tile's first rows, waited for before the tile is signalled ready). The
+    ring runs on across items: the next item's first tiles are built while the consumers finish the last one's (their
+    epilogue and the next prologue).
+
+    Copying V instead of loading it through registers took 2% to 7% off the forward and the dq pass, most at D = 128
+    (session 34)."""
     (MuK, V, Freqs, Delta, _, _, _, n_k, _, stride_vb, stride_vh, stride_vn, kc_s, ks_s, v_s, ready, _, _) = ring
     dtype: gl.constexpr = V.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
@@ -367,15 +374,18 @@ def _producer(ring, CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.cons
                     ok = gl.expand_dims(rows < n_k, 1)  # past the keys: zeros (their scores are masked)
                     mu = gl.load(mu_base + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(d, 0), mask=ok,
                                  other=0.0)
-                    v = gl.load(v_base + gl.expand_dims(rows, 1) * stride_vn + gl.expand_dims(d, 0), mask=ok,
-                                other=0.0)
-                    if c == 0 and done + t >= STAGES:  # (the first rows' loads are in flight while it waits)
-                        _acquire(stage)  # both consumers are done with its last tile
+                    if c == 0:
+                        if done + t >= STAGES:  # (the first rows' loads are in flight while it waits)
+                            _acquire(stage)  # both consumers are done with its last tile
+                        _copy_rows(v_s, stage, v_base, stride_vn, t * BLOCK_N, n_k, key_rows, d, HEAD_DIM, BLOCK_N,
+                                   1)
+                        async_copy.commit_group()
                     mu = mu.to(gl.float32)
                     kc_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * cos).to(dtype))
                     ks_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * sin).to(dtype))
-                    v_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store(v)
                     cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
+                async_copy.wait_group(0)  # this tile's V
+                _barrier()
                 fence_async_shared()  # generic-proxy stores, read next by the tensor cores (async proxy)
                 mbarrier.arrive(ready.index(stage), count=1)
             done += n_tiles
