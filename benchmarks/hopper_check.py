@@ -212,7 +212,7 @@ def main() -> None:
     variants = {"triton": None, "gluon": flash.flash_hopper}
     for path in args.revision:
         variants[path.stem] = load_revision(path)
-    if args.checks:  # this checkout's kernels, in both orders of work; the revisions are timed only
+    if args.checks:  # this checkout's kernels, in each order of work; the revisions are timed only
         checked = {name: variants[name] for name in ("triton", "gluon")} | {
             "paired": head_major_order(listed=False), "listed": head_major_order(listed=True)}
         cases, packed_cases = ([case for case in group if args.head_dim in (None, case[0])]
