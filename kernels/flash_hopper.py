@@ -318,8 +318,9 @@ def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, ORDER: gl.conste
     if ORDER == _LISTED:
         item = gl.load(ring[16] + r * g + pid)
         valid = item >= 0
-        m = gl.maximum(item, 0) % n_blocks
-        bh = gl.maximum(item, 0) // n_blocks
+        item = gl.maximum(item, 0)  # (past the program's last item: any item, not run)
+        m = item % n_blocks
+        bh = item // n_blocks
     elif ORDER == _PAIRED:  # unit u: the pair (n_blocks - 1 - j, j) of head u // half
         half = gl.cdiv(n_blocks, 2)
         u = r // 2 * g + pid
