@@ -96,7 +96,9 @@ class Config:
     non-causal attention, left to flash.py's kernel there. masked_apart (dk/dv pass): the tiles that need the causal
     mask run in a loop of their own, the others without it. persistent (forward, dq pass): one program per SM, each
     looping over work items, instead of one program per item. fp16_regs: (consumer, producer) registers for fp16
-    inputs where the split above spills there."""
+    inputs where the split above spills there. staged_mu (forward, dq pass): the key producer copies each tile's mu_k
+    by cp.async into a staging buffer one tile ahead and reads it there, instead of loading it into registers
+    (_producer)."""
     block_n: int
     stages: int
     consumer_regs: int
@@ -106,6 +108,7 @@ class Config:
     build_rows: int = 0
     persistent: bool = False
     fp16_regs: tuple[int, int] | None = None
+    staged_mu: bool = False
 
 
 # By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, sessions 11 and 19-20);
@@ -119,17 +122,19 @@ CONFIGS = {
                         fp16_regs=(168, 168)),
     # D = 128: forward -30% at (4, 16, 2048) and -31% at (1, 16, 8192) against flash.py's, fwd+bwd -6%; at 192/128
     # registers the forward took 9% longer (attention_notes.md, session 31); the producer's 144 spilled (triton 3.9,
-    # non-causal fp16) once it copied V by cp.async, 136 does not (session 34)
-    ("fwd", 128): Config(block_n=64, stages=2, consumer_regs=184, producer_regs=136, persistent=True, build_rows=16),
+    # non-causal fp16) once it copied V by cp.async, 136 does not (session 34); mu_k staged: the forward -5% to -7%
+    # (session 35)
+    ("fwd", 128): Config(block_n=64, stages=2, consumer_regs=184, producer_regs=136, persistent=True, build_rows=16,
+                         staged_mu=True),
     ("dq", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("dq", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
                        fp16_regs=(168, 168)),
     # D = 128, the consumers splitting the channels (_dq_rows): fwd+bwd -7% at (4, 16, 2048) and -2% at (1, 16, 8192)
-    # against flash.py's dq pass. Spill-free under triton 3.9 (fp16: 160/184 spilled once the producer copied V by
-    # cp.async, session 34); under 3.6 it spills 38-88 local-memory instructions at every split tried
-    # (attention_notes.md, sessions 30 and 34).
+    # against flash.py's dq pass; mu_k staged: the pass -2% to -4% (session 35). Spill-free under triton 3.9 (fp16:
+    # 168/168 spilled in the paired order once mu_k was staged, session 35); under 3.6 it spills 38-88 local-memory
+    # instructions at every split tried (attention_notes.md, sessions 30, 34 and 35).
     ("dq", 128): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True, build_rows=16,
-                        fp16_regs=(168, 168)),
+                        fp16_regs=(168, 176), staged_mu=True),
     # 64-query tiles, which the folded rows (_folded) make fit: the pass -2% at the pretraining shape to -6% at
     # (1, 12, 10240) at D = 64 against 32-query tiles with lse and D staged in the ring and loaded by the consumers,
     # fwd+bwd -4% and -7% at D = 32 against 32-query tiles whose consumers loaded them from global memory (folded at
@@ -262,9 +267,11 @@ def _release_unread(ready, first, n_tiles, STAGES: gl.constexpr):
 
 @gluon.jit
 def _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, n_blocks, n_k, q_offset, Listed,
-          listed_rounds, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+          listed_rounds, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+          STAGED_MU: gl.constexpr):
     """The program's ring of key tiles: the producer's inputs, the work's extent and order (Listed, listed_rounds: the
-    LISTED order's table, _work), the stages and their mbarriers."""
+    LISTED order's table, _work), the stages and their mbarriers, and with STAGED_MU the producer's two staging slots
+    for mu_k (else V's stages stand in, unused)."""
     dtype: gl.constexpr = V.dtype.element_ty
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     kc_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
@@ -273,8 +280,9 @@ def _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_cou
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
+    mu_s = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_layout) if STAGED_MU else v_s
     return (MuK, V, Freqs, Delta, n_heads, bh_count, n_blocks, n_k, q_offset, stride_vb, stride_vh, stride_vn, kc_s,
-            ks_s, v_s, ready, Listed, listed_rounds)
+            ks_s, v_s, ready, Listed, listed_rounds, mu_s)
 
 
 _PAIRED = gl.constexpr(work_order.PAIRED)
@@ -340,15 +348,21 @@ def _work(ring, r, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, ORDER: gl.conste
 
 @gluon.jit
 def _producer(ring, CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr):
+              STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr, STAGED_MU: gl.constexpr):
     """The key tiles of the program's work items in order: kc and ks built into the ring's stages BUILD_ROWS rows at a
     time, V copied by cp.async (issued with a tile's first rows, waited for before the tile is signalled ready). The
     ring runs on across items: the next item's first tiles are built while the consumers finish the last one's (their
     epilogue and the next prologue).
 
+    mu_k comes from global memory into registers, BUILD_ROWS rows at a time, or with STAGED_MU by cp.async into a
+    staging slot one tile ahead (the first tile of each item at its start), read back from shared memory: at D = 128,
+    whose tiles are built 16 rows at a time, the forward -4% and the dq pass -2% to -5%; at D = 64 the forward +5% and
+    the dq pass +3% to +5% at long N (session 35, H200).
+
     Copying V instead of loading it through registers took 2% to 7% off the forward and the dq pass, most at D = 128
     (session 34)."""
-    (MuK, V, Freqs, Delta, _, _, _, n_k, _, stride_vb, stride_vh, stride_vn, kc_s, ks_s, v_s, ready, _, _) = ring
+    (MuK, V, Freqs, Delta, _, _, _, n_k, _, stride_vb, stride_vh, stride_vn, kc_s, ks_s, v_s, ready, _, _,
+     mu_s) = ring
     dtype: gl.constexpr = V.dtype.element_ty
     blocked: gl.constexpr = _BLOCKED
     key_rows = gl.arange(0, BUILD_ROWS, layout=gl.SliceLayout(1, blocked))
@@ -368,19 +382,32 @@ def _producer(ring, CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.cons
             step_sin = gl.expand_dims(step_sin, 0)
             mu_base = MuK + bh.to(gl.int64) * n_k * HEAD_DIM
             v_base = V + b.to(gl.int64) * stride_vb + h * stride_vh
+            if STAGED_MU:  # copies in flight, in commit order: mu of tile 0, then per tile t mu of t + 1 and V of t
+                _copy_rows(mu_s, done % 2, mu_base, HEAD_DIM, 0, n_k, key_rows, d, HEAD_DIM, BLOCK_N, 1)
+                async_copy.commit_group()
             for t in range(n_tiles):
                 stage = (done + t) % STAGES
+                if STAGED_MU:
+                    slot = (done + t) % 2
+                    if t + 1 < n_tiles:  # (into the slot the last tile read: every thread passed its barrier)
+                        _copy_rows(mu_s, 1 - slot, mu_base, HEAD_DIM, (t + 1) * BLOCK_N, n_k, key_rows, d, HEAD_DIM,
+                                   BLOCK_N, 1)
+                    async_copy.commit_group()
+                    _take_stage(v_s, stage, done + t, v_base, stride_vn, t * BLOCK_N, n_k, key_rows, d, HEAD_DIM,
+                                BLOCK_N, STAGES)
+                    async_copy.wait_group(2)  # this tile's mu
+                    _barrier()  # (each thread waited for its own copies; it reads others')
                 for c in gl.static_range(BLOCK_N // BUILD_ROWS):
-                    rows = t * BLOCK_N + c * BUILD_ROWS + key_rows
-                    ok = gl.expand_dims(rows < n_k, 1)  # past the keys: zeros (their scores are masked)
-                    mu = gl.load(mu_base + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(d, 0), mask=ok,
-                                 other=0.0)
-                    if c == 0:
-                        if done + t >= STAGES:  # (the first rows' loads are in flight while it waits)
-                            _acquire(stage)  # both consumers are done with its last tile
-                        _copy_rows(v_s, stage, v_base, stride_vn, t * BLOCK_N, n_k, key_rows, d, HEAD_DIM, BLOCK_N,
-                                   1)
-                        async_copy.commit_group()
+                    if STAGED_MU:
+                        mu = mu_s.index(slot).slice(c * BUILD_ROWS, BUILD_ROWS).load(blocked)
+                    else:
+                        rows = t * BLOCK_N + c * BUILD_ROWS + key_rows
+                        ok = gl.expand_dims(rows < n_k, 1)  # past the keys: zeros (their scores are masked)
+                        mu = gl.load(mu_base + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(d, 0), mask=ok,
+                                     other=0.0)
+                        if c == 0:  # (the first rows' loads are in flight while it waits)
+                            _take_stage(v_s, stage, done + t, v_base, stride_vn, t * BLOCK_N, n_k, key_rows, d,
+                                        HEAD_DIM, BLOCK_N, STAGES)
                     mu = mu.to(gl.float32)
                     kc_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * cos).to(dtype))
                     ks_s.index(stage).slice(c * BUILD_ROWS, BUILD_ROWS).store((mu * sin).to(dtype))
@@ -391,6 +418,17 @@ def _producer(ring, CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.cons
                 mbarrier.arrive(ready.index(stage), count=1)
             done += n_tiles
     _drain(done, STAGES)
+
+
+@gluon.jit
+def _take_stage(v_s, stage, position, v_base, stride_vn, k0, n_k, key_rows, d, HEAD_DIM: gl.constexpr,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Wait until both consumers are done with the stage's last tile (the ring's tile `position`), then copy V's keys
+    k0 .. into it by cp.async (one commit group)."""
+    if position >= STAGES:
+        _acquire(stage)
+    _copy_rows(v_s, stage, v_base, stride_vn, k0, n_k, key_rows, d, HEAD_DIM, BLOCK_N, 1)
+    async_copy.commit_group()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -557,10 +595,10 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse, Listed,
                 stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                 n_heads, bh_count, n_q, n_k, q_offset, listed_rounds, qk_scale,
                 CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, STAGED_MU: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                 PRODUCER_REGS: gl.constexpr):
     ring = _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count, gl.cdiv(n_q, 128), n_k,
-                 q_offset, Listed, listed_rounds, HEAD_DIM, BLOCK_N, STAGES)
+                 q_offset, Listed, listed_rounds, HEAD_DIM, BLOCK_N, STAGES, STAGED_MU)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], Q.dtype.element_ty)
     qc_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
     qs_s = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
@@ -568,7 +606,7 @@ def _fwd_kernel(Q, MuK, V, Freqs, Delta, Out, Lse, Listed,
     # Gluon hands constexprs to a partition only as direct elements of its argument tuple
     gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, 0, False, 1)),
                         (_consumer, (ring, rows, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, 1, False, 1)),
-                        (_producer, (ring, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, 1))],
+                        (_producer, (ring, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, 1, STAGED_MU))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -673,13 +711,14 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ, Listed,
                stride_dob, stride_doh, stride_don, stride_gb, stride_gh, stride_gn,
                n_heads, bh_count, n_q, n_k, q_offset, listed_rounds, sm_scale, qk_scale,
                CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-               STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-               PRODUCER_REGS: gl.constexpr):
+               STAGES: gl.constexpr, BUILD_ROWS: gl.constexpr, HALVES: gl.constexpr, STAGED_MU: gl.constexpr,
+               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     # HALVES = 1: each consumer owns 64 query rows at every channel (128 rows an item). HALVES = 2 (D = 128, where gc
     # and gs of 64 rows at every channel would take 128 registers a thread): both consumers take the same 64 rows,
     # each owning half the channels of gc and gs; each computes the whole S and dP (_dq_rows).
     ring = _ring(MuK, V, Freqs, Delta, stride_vb, stride_vh, stride_vn, n_heads, bh_count,
-                 gl.cdiv(n_q, 128 // HALVES), n_k, q_offset, Listed, listed_rounds, HEAD_DIM, BLOCK_N, STAGES)
+                 gl.cdiv(n_q, 128 // HALVES), n_k, q_offset, Listed, listed_rounds, HEAD_DIM, BLOCK_N, STAGES,
+                 STAGED_MU)
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
     qc_s = gl.allocate_shared_memory(dtype, [2 // HALVES, 64, HEAD_DIM], q_layout)  # by consumer, or shared
@@ -691,7 +730,8 @@ def _dq_kernel(Q, MuQ, MuK, V, Freqs, Delta, Out, DO, Lse, Dvec, DQ, Listed,
             n_q, qk_scale, sm_scale, qc_s, qs_s, do_s)
     gl.warp_specialize([(_consumer, (ring, rows, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, 0, True, HALVES)),
                         (_consumer, (ring, rows, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, 1, True, HALVES)),
-                        (_producer, (ring, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, HALVES))],
+                        (_producer, (ring, CAUSAL, ORDER, HEAD_DIM, BLOCK_N, STAGES, BUILD_ROWS, HALVES,
+                                     STAGED_MU))],
                        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -1094,7 +1134,7 @@ def launch_options(kernel: str, head_dim: int, n_k: int, fp16: bool = False) -> 
     if kernel == "dkdv":  # streams query tiles
         streamed = {"BLOCK_M": c.block_n, "MASKED_APART": c.masked_apart, "HALVES": channel_parts(kernel, head_dim)}
     else:  # streams key tiles
-        streamed = {"BLOCK_N": c.block_n, "BUILD_ROWS": c.build_rows or c.block_n}
+        streamed = {"BLOCK_N": c.block_n, "BUILD_ROWS": c.build_rows or c.block_n, "STAGED_MU": c.staged_mu}
         if kernel == "dq":
             streamed["HALVES"] = channel_parts(kernel, head_dim)
     consumer_regs, producer_regs = (c.fp16_regs if fp16 and c.fp16_regs else (c.consumer_regs, c.producer_regs))
