@@ -356,8 +356,8 @@ def _producer(ring, CAUSAL: gl.constexpr, ORDER: gl.constexpr, HEAD_DIM: gl.cons
 
     mu_k comes from global memory into registers, BUILD_ROWS rows at a time, or with STAGED_MU by cp.async into a
     staging slot one tile ahead (the first tile of each item at its start), read back from shared memory: at D = 128,
-    whose tiles are built 16 rows at a time, the forward -4% and the dq pass -2% to -5%; at D = 64 the forward +5% and
-    the dq pass +3% to +5% at long N (session 35, H200).
+    whose tiles are built 16 rows at a time, the forward -5% to -7% and the dq pass -2% to -4%; at D = 64 the forward
+    +5% and the dq pass +3% to +5% at long N (session 35, H200).
 
     Copying V instead of loading it through registers took 2% to 7% off the forward and the dq pass, most at D = 128
     (session 34)."""
