@@ -25,17 +25,17 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from pope_lm.kernels import flash_hopper, work_order
 
-# Triton's divisibility hints at launch: pointers from the torch allocator and row strides (multiples of D) are
-# multiples of 16; the compiled code (vector widths) depends on them.
-KERNELS = {"fwd": flash_hopper._fwd_kernel, "dq": flash_hopper._dq_kernel, "dkdv": flash_hopper._dkdv_kernel}
+# each pass's kernel in flash_hopper (or in another revision of it)
+KERNELS = {"fwd": "_fwd_kernel", "dq": "_dq_kernel", "dkdv": "_dkdv_kernel"}
 # fp32 arguments; the other tensors are in the input dtype, the other scalars i32
 FP32 = ("Freqs", "Delta", "Lse", "Dvec", "DDelta", "sm_scale", "qk_scale")
 
 
 def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1,
-                     order: int = work_order.SNAKING):
-    kernel = KERNELS[kernel_name]
-    launch = flash_hopper.launch_options(kernel_name, head_dim, n_k, dtype == "fp16")
+                     order: int = work_order.SNAKING, hopper=flash_hopper):
+    """`kernel_name`'s Gluon kernel of `hopper` (flash_hopper, or another revision of it loaded as a module)."""
+    kernel = getattr(hopper, KERNELS[kernel_name])
+    launch = hopper.launch_options(kernel_name, head_dim, n_k, dtype == "fp16")
     constexprs = {name: value for name, value in launch.items() if name.isupper()} | {"CAUSAL": causal}
     if "ORDER" in kernel.arg_names:  # the forward's and the dq pass's order of work (flash_hopper._work)
         constexprs["ORDER"] = order
@@ -47,6 +47,8 @@ def compile_for_sm90(kernel_name: str, head_dim: int, causal: bool, dtype: str, 
                  else ("*" if name in pointers else "") + ("fp32" if name in FP32 else "i32" if name in int32
                                                            else dtype if name in pointers else "i32")
                  for name in kernel.arg_names}
+    # Triton's divisibility hints at launch: pointers from the torch allocator and row strides (multiples of D) are
+    # multiples of 16; the compiled code (vector widths) depends on them.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if name in pointers or name.startswith("stride")}
     return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),

@@ -4,13 +4,16 @@ Gluon kernels do not run in Triton's interpreter, so CI cannot execute them (ben
 numbers on an H100). What CI can check is that every kernel and configuration flash.py would launch compiles,
 through this Triton's Gluon front end and ptxas, and fits its register budget: a spill to local memory would put
 the producer's phase tile or a consumer's accumulators behind memory loads and silently cost much of the speed;
-and that the named barriers the key ring releases on are ones the compiler does not use itself.
+and that the named barriers the key ring releases on are ones the compiler does not use itself. Also that
+benchmarks/hopper_sass.py, the per-loop SASS report the attention notes count instructions with, still finds the
+forward's loops.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +26,20 @@ flash_hopper = flash.flash_hopper
 SMEM_PER_BLOCK = 227 * 1024  # an H100's shared memory per thread block
 
 
+def compiler_output(script: Path, *args: str) -> str:
+    """The standard output of a compiling script: in a process of its own, since the tests' TRITON_INTERPRET=1
+    (conftest.py) breaks Gluon's compilation."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def compiled_for_sm90(kernel: str, head_dim: int, causal: bool, dtype: str, n_k: int = 1,
                      order: int = work_order.SNAKING) -> dict:
-    # in a process of its own: the tests' TRITON_INTERPRET=1 (conftest.py) breaks Gluon's compilation
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), kernel, str(head_dim),
-                             str(int(causal)), dtype, str(n_k), str(order)], capture_output=True, text=True,
-                            env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    output = compiler_output(Path(__file__).with_name("hopper_compile.py"), kernel, str(head_dim), str(int(causal)),
+                             dtype, str(n_k), str(order))
+    return json.loads(output.splitlines()[-1])
 
 
 # every configuration flash.py launches, by the keys that select it (a causal-only one never for non-causal attention:
@@ -64,3 +72,18 @@ def test_key_ring_named_barriers_are_ones_the_compiler_leaves_free(kernel, head_
     first = flash_hopper._STAGE_BARRIER.value
     assert report["compiler_barriers"] and max(report["compiler_barriers"]) < first, report
     assert first + flash_hopper.config(kernel, head_dim, n_k).stages <= 16  # a CTA has 16 named barriers
+
+
+@pytest.mark.skipif(flash_hopper is None, reason="this Triton has no Gluon")
+def test_hopper_sass_reports_the_long_forwards_consumer_and_producer_loops():
+    # benchmarks/hopper_sass.py, which the attention notes' instruction counts come from: one loop a key tile for each
+    # consumer (its products on the tensor cores) and one for the producer (none), and no spills in any region
+    report = compiler_output(Path(__file__).parents[1] / "benchmarks" / "hopper_sass.py", "fwd", "64", "--keys",
+                             str(flash_hopper.LONG_KEYS), "--order", str(work_order.PAIRED)).splitlines()
+    options = flash_hopper.launch_options("fwd", 64, flash_hopper.LONG_KEYS)
+    assert report[0].startswith("fwd D=64 causal bf16"), report
+    assert f"registers {options['CONSUMER_REGS']}/{options['PRODUCER_REGS']}," in report[0], report
+    spills = [int(region.rsplit(": ", 1)[1]) for region in report[1].split(": ", 1)[1].split(" | ")]
+    assert len(spills) > 4 and not any(spills), report[1]
+    wgmmas = [int(re.search(r"(\d+) HGMMA;", line).group(1)) for line in report if line.startswith("loop at")]
+    assert sorted(n > 0 for n in wgmmas) == [False, True, True], report
