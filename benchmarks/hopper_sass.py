@@ -26,12 +26,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hopper_compile import compile_for_sm90, sass_of
+from hopper_compile import compile_for_sm90, sass_instructions
 from hopper_program_cost import load_revision
 
 from pope_lm.kernels import flash, work_order
 
-_INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH_BACK = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 _REGION = re.compile(r"USETMAXREG\.(TRY_ALLOC|DEALLOC)\.CTAPOOL (?:UP\d, )?(?:\w+, )?(0x[0-9a-f]+)")
 
@@ -42,16 +41,11 @@ class Loop:
     instructions: list[str]
 
     def opcodes(self) -> collections.Counter:
-        # the opcode without its predicate and modifiers: "@!P0 BAR.SYNC.DEFER_BLOCKING ..." -> "BAR"
-        return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in self.instructions)
+        # the opcode without its modifiers: "BAR.SYNC.DEFER_BLOCKING ..." -> "BAR"
+        return collections.Counter(i.split()[0].split(".")[0] for i in self.instructions)
 
     def count(self, prefix: str) -> int:
-        return sum(re.sub(r"^@!?U?P\w+\s+", "", i).startswith(prefix) for i in self.instructions)
-
-
-def instructions(sass: str) -> list[tuple[int, str]]:
-    """(address, instruction) of every SASS line."""
-    return [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
+        return sum(i.startswith(prefix) for i in self.instructions)
 
 
 def innermost_loops(code: list[tuple[int, str]], min_length: int) -> list[Loop]:
@@ -106,7 +100,7 @@ def main() -> None:
         table[key] = dataclasses.replace(table[key], consumer_regs=args.regs[0], producer_regs=args.regs[1],
                                          fp16_regs=None)
     compiled = compile_for_sm90(args.kernel, args.head_dim, args.causal, args.dtype, args.keys, args.order, hopper)
-    code = instructions(sass_of(compiled.asm["cubin"]))
+    code = sass_instructions(compiled.asm["cubin"])
     options = hopper.launch_options(args.kernel, args.head_dim, args.keys, args.dtype == "fp16")
     attention = "causal" if args.causal else "non-causal"
     print(f"{args.kernel} D={args.head_dim} {attention} {args.dtype}, {args.keys} keys, order {args.order}: registers "

@@ -13,6 +13,7 @@ from a register). Run without TRITON_INTERPRET: Triton's interpreter replaces th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,14 +64,20 @@ def sass_of(cubin: bytes) -> str:
                               check=True).stdout
 
 
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(.*?)\s*;")
+
+
+def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction) of each SASS instruction, its predicate (@P0, @!PT, ...) left out."""
+    return [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.match, sass_of(cubin).splitlines()) if m]
+
+
 def main() -> None:
     kernel_name, head_dim, causal, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
     n_k = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     order = int(sys.argv[6]) if len(sys.argv) > 6 else work_order.SNAKING
     compiled = compile_for_sm90(kernel_name, head_dim, causal, dtype, n_k, order)
-    instructions = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass_of(compiled.asm["cubin"]).splitlines()
-                    if line.strip().startswith("/*") and "*/" in line]
-    words = [ins.split()[1:] if ins.startswith("@") else ins.split() for ins in instructions if ins]
+    words = [text.split() for _, text in sass_instructions(compiled.asm["cubin"])]
     opcodes = [w[0] for w in words]
     constant_barriers = {int(w[1].rstrip(","), 16) for w in words
                          if w[0].startswith(("BAR.SYNC", "BAR.ARV", "BAR.RED")) and w[1].startswith("0x")}
