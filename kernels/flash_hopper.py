@@ -114,8 +114,8 @@ class Config:
 # By pass and head dim. Measured on an H100 (benchmarks/attention_notes.md, sessions 11 and 19-20);
 # tests/test_flash_hopper.py checks that each compiles without spills, which depends on Triton's version (ptxas's
 # too): these compile clean with triton 3.9 (CI's). With triton 3.6 (the GPU image's) the dq pass spills a few
-# local-memory instructions at D = 64 outside causal bf16 (4 to 18: non-causal, fp16), and 38 to 73 at D = 128; the
-# forward is clean (session 34).
+# local-memory instructions at D = 64 outside causal bf16 (4 to 18: non-causal, fp16), and 46 to 83 at D = 128; the
+# forward is clean (sessions 34 and 35).
 CONFIGS = {
     ("fwd", 32): Config(block_n=64, stages=2, consumer_regs=168, producer_regs=168, persistent=True),
     ("fwd", 64): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True,
@@ -132,7 +132,7 @@ CONFIGS = {
     # D = 128, the consumers splitting the channels (_dq_rows): fwd+bwd -7% at (4, 16, 2048) and -2% at (1, 16, 8192)
     # against flash.py's dq pass; mu_k staged: the pass -2% to -4% (session 35). Spill-free under triton 3.9 (fp16:
     # 168/168 spilled in the paired order once mu_k was staged, session 35); under 3.6 it spills 38-88 local-memory
-    # instructions at every split tried (attention_notes.md, sessions 30, 34 and 35).
+    # instructions at every split tried, 46-83 at these (attention_notes.md, sessions 30, 34 and 35).
     ("dq", 128): Config(block_n=64, stages=2, consumer_regs=176, producer_regs=152, persistent=True, build_rows=16,
                         fp16_regs=(168, 176), staged_mu=True),
     # 64-query tiles, which the folded rows (_folded) make fit: the pass -2% at the pretraining shape to -6% at
