@@ -11,7 +11,8 @@ this script is its numerical test on an H100:
    queries' phases by angle addition, in steps of 32 rows in Gluon and of the Triton tile in flash.py, so their
    rounded halves differ (session 32: nine such digits over the D = 64 cases, both ways). Then PACKED_CASES,
    whose q, k and v are views of one projection, as the model passes them (--long-only: only the cases with
-   LONG_KEYS keys or more, --packed-only: only PACKED_CASES, --head-dim: one head dim's);
+   LONG_KEYS keys or more, --packed-only: only PACKED_CASES, --head-dim: one head dim's); first of all, the listed
+   order under torch.compile's CUDA graphs (check_compiled_graphs);
 2. forward and forward+backward time replayed from a CUDA graph at TIMED shapes (or --timed) for the Triton
    kernels, this checkout's Gluon kernels and, with --revision PATH [PATH ...] (other revisions' flash_hopper.py, e.g.
    `git show HEAD~1:kernels/flash_hopper.py > old.py`), those revisions' Gluon kernels, all in this one process; first
@@ -138,6 +139,28 @@ def check(cases, variants, packed=False) -> None:
         print(line, flush=True)
 
 
+def check_compiled_graphs() -> None:
+    """Forward and backward in the listed order under torch.compile's CUDA graphs (mode reduce-overhead, as the recipes
+    train): the listed order's table, made at the first call while the graphs warm up, must live outside their memory
+    pool (flash_hopper._listed_table; session 36 found the 124m recipe stopping at its first step). Three calls (warm
+    up, record, replay), each's out, dq, dk, dv and d delta against the eager ones: the largest difference relative to
+    the eager tensor's largest element, 0 but for d delta (summed by atomics in no fixed order)."""
+    module = head_major_order(listed=True)
+    q, k, v, delta, dout = inputs(64, 2, 3, 1000, 1000, torch.bfloat16, 1.0)
+    with hopper_kernels(module):
+        eager = grads(kernels.pope_attention, q, k, v, delta, dout, True, 0)
+        module._LISTED_TABLES.clear()
+        compiled = torch.compile(kernels.pope_attention, mode="reduce-overhead")
+        calls = []
+        for _ in range(3):
+            ours = grads(compiled, q, k, v, delta, dout, True, 0)
+            calls.append(" ".join(f"{((a.float() - b.float()).abs().max() / b.float().abs().max()).item():.0e}"
+                                  for a, b in zip(ours, eager, strict=True)))
+    listed = sum(table is not None for table in module._LISTED_TABLES.values())
+    print(f"## listed order under reduce-overhead CUDA graphs ({listed} listed tables): out dq dk dv ddelta against "
+          f"eager's, calls 1-3: {' | '.join(calls)}", flush=True)
+
+
 def time_fwd_bwd(shapes, variants) -> None:
     """The forward alone (no autograd graph) and forward+backward of pope_attention, per variant, at each shape."""
     print("## forward and fwd+bwd CUDA-graph ms (bf16, causal, median)")
@@ -217,6 +240,7 @@ def main() -> None:
             "paired": head_major_order(listed=False), "listed": head_major_order(listed=True)}
         cases, packed_cases = ([case for case in group if args.head_dim in (None, case[0])]
                                for group in (CASES, PACKED_CASES))
+        check_compiled_graphs()
         if args.long_only:
             check([case for case in cases if case[4] >= flash.flash_hopper.LONG_KEYS], checked)  # case[4]: Nk
         elif args.packed_only:

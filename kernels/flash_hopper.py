@@ -38,6 +38,7 @@ says so and keeps the Triton kernels for every other case (other GPUs, fp32, hea
 import functools
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -1187,12 +1188,25 @@ _LISTED_TABLES: dict[tuple, torch.Tensor | None] = {}
 
 def _listed_table(key: tuple) -> torch.Tensor | None:
     """work_order.choose's table (rounds, programs), int32 on the GPU, for key = (device index, choose's arguments up
-    to min_gain); None where it chose the paired order."""
+    to min_gain); None where it chose the paired order.
+
+    Copied to the GPU by a thread of its own: while torch.compile's CUDA graphs (mode reduce-overhead) warm up, the
+    warming thread's allocations come from the graphs' memory pool, and a cached tensor left alive there stops the
+    run at its first call ("tensor(s) in the cudagraph pool not tracked as outputs": the 124m recipe, session 36).
+    Another thread's come from the ordinary pool."""
     if key not in _LISTED_TABLES:
         order, table = work_order.choose(*key[1:], LISTED_GAIN)
-        _LISTED_TABLES[key] = (torch.tensor(table, dtype=torch.int32, device=f"cuda:{key[0]}")
-                               if order == work_order.LISTED else None)
+        _LISTED_TABLES[key] = None
+        if order == work_order.LISTED:
+            with ThreadPoolExecutor(max_workers=1) as copier:
+                _LISTED_TABLES[key] = copier.submit(_on_gpu, table, key[0]).result()
     return _LISTED_TABLES[key]
+
+
+def _on_gpu(table: list[list[int]], device_index: int) -> torch.Tensor:
+    tensor = torch.tensor(table, dtype=torch.int32, device=torch.device("cuda", device_index))
+    torch.cuda.current_stream(device_index).synchronize()  # copied before any launch on another stream reads it
+    return tensor
 
 
 @functools.cache
