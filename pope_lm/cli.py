@@ -23,6 +23,7 @@ PRECISION_HELP = "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16"
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pope_lm.checkpointing import CheckpointWriteError
     from pope_lm.config import load_config
     from pope_lm.strategy import Preempted
     from pope_lm.train import train
@@ -33,6 +34,9 @@ def _train(args: argparse.Namespace) -> int:
     except Preempted as stop:
         print(f"{stop}; exit code {EXIT_REQUEUE} asks the launcher to requeue (then resume=auto)", file=sys.stderr)
         return EXIT_REQUEUE
+    except CheckpointWriteError as exc:  # the disk, not the recipe: exit 1, the last written checkpoint stands
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val/", "train/", "test/"))}
     print(f"done: step {metrics['step']}, {shown}, run dir {cfg.resolved_run_dir}")
     return 0

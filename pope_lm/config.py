@@ -96,6 +96,10 @@ class CheckpointConfig:
     every_n_steps: int = 1000
     keep_last: int = 3  # newest complete checkpoints kept on disk
     keep_best: bool = False  # also keep best.ckpt: the weights at the validation with the lowest val/loss so far
+    # write files from a background thread: training waits only for a copy of the state in host memory (one full
+    # state held there until written); false: write in the training loop. DeepSpeed writes its shards itself, always
+    # in the loop.
+    background_write: bool = True
 
 
 @dataclass

@@ -153,7 +153,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[st
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        plugins=[AtomicCheckpointIO(background=cfg.checkpoint.background_write), *cluster_plugins()],
         enable_checkpointing=False,  # PeriodicCheckpoint does it, atomically
         use_distributed_sampler=False,  # the data module splits the stream across ranks itself
         default_root_dir=str(run_dir),

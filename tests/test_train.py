@@ -241,6 +241,15 @@ def test_resuming_under_another_activation_fails_with_one_line(tmp_path, capsys)
     assert "model.activation=gelu;" in error and "step-00000002.ckpt" in error, error
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, capsys):
+    (tmp_path / "checkpoints").write_text("a file where the checkpoints should go")
+    run = [str(TINY), *FAST, "trainer.max_steps=4", "checkpoint.every_n_steps=2", "tracking.enabled=false",
+           f"run_dir={tmp_path}"]
+    assert main(["train", *run]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: could not write checkpoint {tmp_path / 'checkpoints' / 'step-00000002.ckpt'}: ")
+
+
 def test_skipped_corrupt_shards_are_counted_in_the_logged_metrics(tmp_path):
     rng = np.random.default_rng(0)
     dataset = tmp_path / "dataset"
