@@ -40,8 +40,9 @@ class SpeedMonitor(L.Callback):
 
     The time validations take is left out of the windows, so that the speed is the training's: in a 124M run on an
     H100 the window holding a validation read 129K tokens/s against 478K around it (session 27); left out, 540K
-    against 511K on an H200 (session 36: the validation's synchronization also drains the host's lead). A checkpoint's
-    save stays in: the loop does wait for its snapshot (AtomicCheckpointIO).
+    against 511K on an H200 (session 36: it reads high by the lead the host regains over the GPU after the
+    validation's synchronization). A checkpoint's save stays in: the loop does wait for its snapshot
+    (AtomicCheckpointIO).
     """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None, log_every: int) -> None:
