@@ -4,8 +4,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
-import hopper_check as hc  # noqa: E402
-import torch._inductor.config  # noqa: E402
+import hopper_check as hc
+import torch._inductor.config
 
 torch._inductor.config.triton.cudagraph_trees_history_recording = True
 
