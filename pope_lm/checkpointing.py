@@ -245,8 +245,9 @@ def _checkpoint_io(trainer: L.Trainer) -> AtomicCheckpointIO:
     """The run's checkpoint writer; under DeepSpeed (which writes its shards itself, in the training loop) or in a
     trainer built without one, a foreground AtomicCheckpointIO, whose `then` acts at once."""
     io = getattr(trainer.strategy, "checkpoint_io", None)
-    return io if isinstance(io, AtomicCheckpointIO) and not isinstance(trainer.strategy, DeepSpeedStrategy) \
-        else AtomicCheckpointIO(background=False)
+    if isinstance(io, AtomicCheckpointIO) and not isinstance(trainer.strategy, DeepSpeedStrategy):
+        return io
+    return AtomicCheckpointIO(background=False)
 
 
 def _write(trainer: L.Trainer, path: Path) -> None:
