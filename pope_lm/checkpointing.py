@@ -100,10 +100,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def check(self) -> None:
         """Raise the error of a background write (or action) that failed; forget those that succeeded."""
-        done = [write for write in self._writes if write.done()]
-        self._writes = [write for write in self._writes if not write.done()]
-        for write in done:
-            write.result()
+        # one look at each write: one that finished between two looks would be in neither list, its error lost
+        finished = {write: write.done() for write in self._writes}
+        self._writes = [write for write, done in finished.items() if not done]
+        for write, done in finished.items():
+            if done:
+                write.result()
 
     def teardown(self) -> None:
         """Wait for the writes still in flight, then raise the first error among them."""
